@@ -1,0 +1,187 @@
+//! connect4 / connect6: choose the subset and endpoint for a connection to a
+//! service VIP and rewrite the destination before the kernel routes it.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        generated::bpf_set_retval,
+    },
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use canary_common::*;
+
+use crate::{maps::*, sockops::count};
+
+/// cgroup sock_addr verdicts.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// A VIP whose chosen subset has no endpoint fails `connect()` at once with
+/// EHOSTUNREACH ("No route to host"), as Cilium's socket LB does, instead of
+/// letting the SYN go to an address nobody owns.
+const EHOSTUNREACH: i32 = 113;
+
+pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let service = ServiceKey {
+        addr: dialled_addr(sa, family),
+        port: sa.user_port as u16,
+        family,
+        proto: PROTO_TCP,
+    };
+    let Some(entry) = (unsafe { SERVICES.get(&service) }) else {
+        return ALLOW; // not a service: leave the connection alone
+    };
+    let Some(table) = TABLES.get(entry.table) else {
+        return ALLOW;
+    };
+
+    let sticky = table.flags & TABLE_HASH_SUBSET != 0;
+    let hash = if sticky || any_maglev(table) { client_hash(ctx, sa, family) } else { 0 };
+    let point = if sticky {
+        subset_point(hash)
+    } else {
+        random() % WEIGHT_SCALE
+    };
+    let Some(subset) = pick_subset(table, point) else {
+        return refuse(ctx, &service, MAX_SUBSETS as u32);
+    };
+    let Some(slot) = table.subsets.get(subset as usize) else {
+        return ALLOW;
+    };
+    if slot.backend_count == 0 {
+        return refuse(ctx, &service, subset);
+    }
+    let pick = if slot.flags & SUBSET_MAGLEV != 0 {
+        let key: MaglevKey = entry.table * MAX_SUBSETS as u32 + subset;
+        match unsafe { MAGLEV.get(&key) } {
+            Some(maglev) => match maglev.slots.get(maglev_slot(hash) as usize) {
+                Some(i) => *i as u32,
+                None => 0,
+            },
+            None => random(),
+        }
+    } else {
+        random()
+    };
+    let index = pick % slot.backend_count;
+    let Some(backend) = BACKENDS.get(slot.backend_base + index) else {
+        return ALLOW;
+    };
+
+    // Full 32-bit stores: the verifier rejects narrower writes here.
+    unsafe {
+        if family == FAMILY_V4 {
+            core::ptr::write_volatile(&mut sa.user_ip4, backend.addr[0]);
+        } else {
+            for i in 0..4 {
+                core::ptr::write_volatile(&mut sa.user_ip6[i], backend.addr[i]);
+            }
+        }
+        core::ptr::write_volatile(&mut sa.user_port, backend.port as u32);
+    }
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let flow = Flow { service, backend: *backend, subset, _pad: 0 };
+    let _ = FLOWS.insert(&cookie, &flow, 0);
+    debug!(ctx, "canary: cookie {} -> subset {} backend #{}", cookie, subset, index);
+    ALLOW
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// The destination as the application dialled it, in map-key form.
+fn dialled_addr(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u8) -> [u32; 4] {
+    // One 32-bit load per word: the verifier only allows those on user_ip6.
+    unsafe {
+        if family == FAMILY_V4 {
+            [core::ptr::read_volatile(&sa.user_ip4), 0, 0, 0]
+        } else {
+            [
+                core::ptr::read_volatile(&sa.user_ip6[0]),
+                core::ptr::read_volatile(&sa.user_ip6[1]),
+                core::ptr::read_volatile(&sa.user_ip6[2]),
+                core::ptr::read_volatile(&sa.user_ip6[3]),
+            ]
+        }
+    }
+}
+
+/// The first subset whose cumulative band contains `point`.
+#[inline(always)]
+fn pick_subset(table: &RouteTable, point: u32) -> Option<u32> {
+    let mut i = 0;
+    while i < MAX_SUBSETS {
+        if i as u32 >= table.subset_count {
+            return None;
+        }
+        if point < table.subsets[i].upper {
+            return Some(i as u32);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn any_maglev(table: &RouteTable) -> bool {
+    let mut i = 0;
+    while i < MAX_SUBSETS {
+        if table.subsets[i].flags & SUBSET_MAGLEV != 0 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Who the client is, for sticky choices.
+///
+/// At `connect()` an unbound socket has no source address yet (the route
+/// lookup that picks it comes later). So: the bound address if the socket
+/// has one; otherwise the pod address the agent mapped to the client's
+/// network namespace cookie; otherwise the namespace cookie itself. A pod is
+/// one network namespace, so every unbound socket of a pod hashes alike.
+fn client_hash(ctx: &SockAddrContext, sa: &aya_ebpf::bindings::bpf_sock_addr, family: u8) -> u32 {
+    // SAFETY: sock_addr programs always see a full socket in `sk`.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let bound = unsafe {
+        if family == FAMILY_V4 {
+            [core::ptr::read_volatile(&(*sk).src_ip4), 0, 0, 0]
+        } else {
+            [
+                core::ptr::read_volatile(&(*sk).src_ip6[0]),
+                core::ptr::read_volatile(&(*sk).src_ip6[1]),
+                core::ptr::read_volatile(&(*sk).src_ip6[2]),
+                core::ptr::read_volatile(&(*sk).src_ip6[3]),
+            ]
+        }
+    };
+    if bound[0] | bound[1] | bound[2] | bound[3] != 0 {
+        return source_hash(&bound);
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(id) = unsafe { CLIENT_IDS.get(&cookie) } {
+        return source_hash(&id.addr);
+    }
+    source_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0])
+}
+
+/// Fails the connect() with EHOSTUNREACH and counts it.
+fn refuse(ctx: &SockAddrContext, service: &ServiceKey, subset: u32) -> i32 {
+    let key = CounterKey { service: *service, backend: Backend::default(), subset };
+    count(&key, |c| c.no_endpoint += 1);
+    unsafe { bpf_set_retval(-EHOSTUNREACH) };
+    debug!(ctx, "canary: no endpoint in subset {}", subset);
+    DENY
+}

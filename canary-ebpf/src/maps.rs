@@ -1,0 +1,37 @@
+//! Every map is pinned by name under the agent's pin directory, so the
+//! data path keeps working while the agent restarts or upgrades.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+};
+use canary_common::*;
+
+/// VIP:port → the route table in force. The single entry flipped on update.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map]
+pub static TABLES: Array<RouteTable> = Array::pinned(MAX_TABLES, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Only sticky subsets have one, so allocate on demand.
+#[map]
+pub static MAGLEV: HashMap<MaglevKey, MaglevTable> =
+    HashMap::pinned(MAX_MAGLEV_TABLES, BPF_F_NO_PREALLOC);
+
+/// Socket cookie → what connect() chose. LRU so that a lost close event can
+/// never fill the map.
+#[map]
+pub static FLOWS: LruHashMap<u64, Flow> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned(MAX_COUNTERS, 0);
+
+/// Network namespace cookie → the pod address the agent resolved for it.
+#[map]
+pub static CLIENT_IDS: HashMap<u64, ClientIdentity> =
+    HashMap::pinned(MAX_CLIENT_IDENTITIES, 0);

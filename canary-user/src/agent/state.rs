@@ -1,0 +1,336 @@
+//! The agent's state: the last good config, live overrides, and the
+//! dataplane they are pushed into. Every change goes through `push`, which
+//! either lands in the kernel completely or leaves it as it was.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{Result, anyhow};
+use canary_common::{CounterKey, Counters};
+
+use super::AgentOptions;
+use super::overrides::{Override, Overrides, file_weights};
+use crate::admin::protocol::*;
+use crate::admin::server::Handler;
+use crate::compile::{DataPath, EndpointPick, RoutingTable, apply_weights, compile};
+use crate::config::load_path;
+use crate::dataplane::encode::{backend, service_key};
+use crate::dataplane::{Dataplane, encode};
+
+pub struct Agent {
+    opts: AgentOptions,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    dataplane: Dataplane,
+    /// Compiled from the last config that passed validation.
+    file_table: Option<RoutingTable>,
+    overrides: Overrides,
+    /// What the kernel serves now.
+    live: RoutingTable,
+    generation: u64,
+    reloads: u64,
+    rejected: u64,
+    last_error: Option<String>,
+}
+
+impl Agent {
+    pub fn new(opts: AgentOptions, dataplane: Dataplane, overrides: Overrides) -> Self {
+        Self {
+            opts,
+            inner: Mutex::new(Inner {
+                dataplane,
+                file_table: None,
+                overrides,
+                live: RoutingTable::default(),
+                generation: 0,
+                reloads: 0,
+                rejected: 0,
+                last_error: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock must not wedge the admin socket.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads, validates and compiles the config files and pushes the result
+    /// (with live overrides) into the kernel. A rejected config changes
+    /// nothing: the error is kept for `status` and the old routes stay.
+    pub fn reload(&self) -> Result<()> {
+        let mut inner = self.lock();
+        inner.reloads += 1;
+        let result = load_path(&self.opts.config)
+            .map_err(|e| anyhow!("{e}"))
+            .and_then(|cfg| {
+                for w in &cfg.warnings {
+                    tracing::warn!("config: {w}");
+                }
+                let file_table = compile(&cfg);
+                let (table, dropped) = inner.overrides.apply(&file_table);
+                for d in dropped {
+                    tracing::warn!("dropping live override: {d}");
+                }
+                inner.push(table)?;
+                inner.file_table = Some(file_table);
+                Ok(())
+            });
+        match &result {
+            Ok(()) => {
+                inner.last_error = None;
+                tracing::info!(
+                    config = %self.opts.config.display(),
+                    services = inner.live.services.len(),
+                    generation = inner.generation,
+                    "config applied"
+                );
+            }
+            Err(e) => {
+                inner.rejected += 1;
+                inner.last_error = Some(format!("{e:#}"));
+                tracing::error!("config rejected, previous config stays in force:\n{e:#}");
+            }
+        }
+        result
+    }
+
+    fn set_weights(
+        &self,
+        host: &str,
+        route: Option<String>,
+        weights: Vec<(String, i64)>,
+    ) -> Result<String> {
+        let mut inner = self.lock();
+        let file_table = inner
+            .file_table
+            .clone()
+            .ok_or_else(|| anyhow!("no valid config is loaded"))?;
+        let new = apply_weights(&inner.live, host, route.as_deref(), &weights)
+            .map_err(|e| anyhow!("{e}"))?;
+        let fqdn = new
+            .find(host)
+            .map(|s| s.host.clone())
+            .ok_or_else(|| anyhow!("unknown host {host}"))?;
+        inner.push(new)?;
+        inner.overrides.set(Override {
+            file_weights: file_weights(&file_table, &fqdn, route.as_deref()),
+            host: fqdn.clone(),
+            route,
+            weights,
+        })?;
+        Ok(inner.split_lines(&fqdn))
+    }
+
+    fn reset(&self, host: &str) -> Result<String> {
+        let mut inner = self.lock();
+        let file_table = inner
+            .file_table
+            .clone()
+            .ok_or_else(|| anyhow!("no valid config is loaded"))?;
+        let fqdn = file_table
+            .find(host)
+            .map(|s| s.host.clone())
+            .ok_or_else(|| anyhow!("unknown host {host}; known: {}", hosts(&file_table)))?;
+        let n = inner.overrides.reset(&fqdn)?;
+        let (table, _) = inner.overrides.apply(&file_table);
+        inner.push(table)?;
+        Ok(format!(
+            "{} (dropped {n} override(s))",
+            inner.split_lines(&fqdn)
+        ))
+    }
+
+    pub fn status(&self) -> Result<StatusReport> {
+        let inner = self.lock();
+        let counters = inner.dataplane.counters()?;
+        Ok(StatusReport {
+            config: self.opts.config.display().to_string(),
+            cgroup: self.opts.cgroup.display().to_string(),
+            pin_path: self.opts.pin_path.display().to_string(),
+            generation: inner.generation,
+            reloads: inner.reloads,
+            rejected_reloads: inner.rejected,
+            last_error: inner.last_error.clone(),
+            services: service_status(&inner.live, &counters, &inner.overrides),
+        })
+    }
+}
+
+impl Inner {
+    fn push(&mut self, table: RoutingTable) -> Result<()> {
+        let routes = encode(&table);
+        let stats = self.dataplane.apply(&routes)?;
+        tracing::debug!(?stats, "kernel maps updated");
+        self.live = table;
+        self.generation += 1;
+        Ok(())
+    }
+
+    fn split_lines(&self, fqdn: &str) -> String {
+        service_status(&self.live, &[], &self.overrides)
+            .iter()
+            .filter(|s| s.host == fqdn)
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .map(|p| crate::admin::render::split_line(&s.host, p))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Handler for Agent {
+    fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => {
+                return match self.status() {
+                    Ok(s) => Response {
+                        ok: true,
+                        status: Some(s),
+                        ..Default::default()
+                    },
+                    Err(e) => Response::error(format!("{e:#}")),
+                };
+            }
+            Request::Weights {
+                host,
+                route,
+                weights,
+            } => self.set_weights(&host, route, weights),
+            Request::Reset { host } => self.reset(&host),
+        };
+        match result {
+            Ok(message) => Response {
+                ok: true,
+                message: Some(message),
+                ..Default::default()
+            },
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+}
+
+fn hosts(t: &RoutingTable) -> String {
+    t.services
+        .iter()
+        .map(|s| s.host.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Joins the live table with the kernel counters.
+fn service_status(
+    table: &RoutingTable,
+    counters: &[(CounterKey, Counters)],
+    overrides: &Overrides,
+) -> Vec<ServiceStatus> {
+    let index: HashMap<CounterKey, &Counters> = counters.iter().map(|(k, c)| (*k, c)).collect();
+    table
+        .services
+        .iter()
+        .map(|svc| {
+            let (path, path_reasons) = match &svc.path {
+                DataPath::Kernel => ("kernel".to_string(), Vec::new()),
+                DataPath::Shim { reasons } => ("shim".to_string(), reasons.clone()),
+            };
+            let ports = svc
+                .ports
+                .iter()
+                .map(|port| {
+                    let route = &port.route;
+                    let total: u64 = route.destinations.iter().map(|d| u64::from(d.weight)).sum();
+                    let single = route.destinations.len() == 1;
+                    let destinations = route
+                        .destinations
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| {
+                            let mut counters = Totals::default();
+                            let endpoints = d
+                                .endpoints
+                                .iter()
+                                .map(|e| {
+                                    let mut t = Totals::default();
+                                    for vip in
+                                        svc.vips.iter().filter(|v| v.is_ipv4() == e.addr.is_ipv4())
+                                    {
+                                        let key = CounterKey {
+                                            service: service_key(std::net::SocketAddr::new(
+                                                *vip, port.port,
+                                            )),
+                                            backend: backend(e.addr),
+                                            subset: i as u32,
+                                        };
+                                        if let Some(c) = index.get(&key) {
+                                            t.add(&Totals::from(*c));
+                                        }
+                                    }
+                                    counters.add(&t);
+                                    EndpointStatus {
+                                        addr: e.addr.to_string(),
+                                        pod: e.pod.clone(),
+                                        counters: t,
+                                    }
+                                })
+                                .collect();
+                            // Refusals are counted per subset, not per endpoint.
+                            for vip in &svc.vips {
+                                let key = CounterKey {
+                                    service: service_key(std::net::SocketAddr::new(
+                                        *vip, port.port,
+                                    )),
+                                    backend: Default::default(),
+                                    subset: i as u32,
+                                };
+                                if let Some(c) = index.get(&key) {
+                                    counters.no_endpoint += c.no_endpoint;
+                                }
+                            }
+                            let percent = if single {
+                                100.0
+                            } else if total == 0 {
+                                0.0
+                            } else {
+                                100.0 * f64::from(d.weight) / total as f64
+                            };
+                            DestinationStatus {
+                                host: d.host.clone(),
+                                subset: d.subset.clone(),
+                                weight: d.weight,
+                                file_weight: d.file_weight,
+                                percent,
+                                pick: match d.pick {
+                                    EndpointPick::Random => "random".into(),
+                                    EndpointPick::Maglev => "maglev".into(),
+                                },
+                                counters,
+                                endpoints,
+                            }
+                        })
+                        .collect();
+                    PortStatus {
+                        port: port.port,
+                        route_name: route.name.clone(),
+                        origin: route.origin.clone(),
+                        sticky: route.sticky.map(|_| "source_ip".to_string()),
+                        overridden: overrides.contains(&svc.host, route.name.as_deref()),
+                        destinations,
+                    }
+                })
+                .collect();
+            ServiceStatus {
+                host: svc.host.clone(),
+                vips: svc.vips.iter().map(|v| v.to_string()).collect(),
+                path,
+                path_reasons,
+                virtual_service: svc.virtual_service.clone(),
+                destination_rule: svc.destination_rule.clone(),
+                ports,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,216 @@
+//! The `canary` binary: the node agent and the CLI that talks to it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use canary::admin::{self, protocol::Request};
+use canary::agent::{self, AgentOptions};
+use canary::dataplane::KernelLogLevel;
+
+#[derive(Parser)]
+#[command(
+    name = "canary",
+    version,
+    about = "eBPF canary traffic splitter for Istio VirtualService/DestinationRule YAML"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: attach the kernel programs and serve the config.
+    Agent(AgentArgs),
+    /// Check a config file or directory; print a summary or every error.
+    Validate {
+        /// A YAML file or a directory of YAML files.
+        path: PathBuf,
+    },
+    /// Change a service's split live: `canary weights checkout-service v1=90 v2=10`.
+    Weights {
+        /// Service host: FQDN, `name.namespace`, or a name unique on the node.
+        host: String,
+        /// New weights, SUBSET=WEIGHT (subsets not named get 0).
+        #[arg(value_parser = parse_weight, required_unless_present = "reset")]
+        weights: Vec<(String, i64)>,
+        /// The route to change, by its VirtualService `name` (default: the
+        /// route the kernel serves).
+        #[arg(long)]
+        route: Option<String>,
+        /// Drop the live override and return to the file's weights.
+        #[arg(long, conflicts_with = "weights")]
+        reset: bool,
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Show every service's split, endpoints and kernel counters.
+    Status {
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Config file or directory (Service, Pod, VirtualService, DestinationRule).
+    #[arg(long, required_unless_present = "cleanup")]
+    config: Option<PathBuf>,
+    /// cgroup v2 directory whose processes canary serves (default: the root
+    /// of the cgroup2 mount found in /proc/self/mounts).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Where maps and links are pinned (on bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/canary")]
+    pin_path: PathBuf,
+    #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+    admin_socket: PathBuf,
+    /// Live overrides and bookkeeping that must survive a restart.
+    #[arg(long, default_value = "/run/canary/state")]
+    state_dir: PathBuf,
+    /// Kernel-side log level (aya-log); `debug` logs every connection.
+    #[arg(long, value_enum, default_value_t = KernelLogLevel::Warn)]
+    kernel_log_level: KernelLogLevel,
+    /// Detach and unpin everything canary put in the kernel, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn parse_weight(s: &str) -> Result<(String, i64), String> {
+    let (name, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not SUBSET=WEIGHT (e.g. v1=90)"))?;
+    if name.is_empty() {
+        return Err(format!("`{s}` has no subset name (e.g. v1=90)"));
+    }
+    let w = w
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| format!("weight `{w}` in `{s}` is not an integer (valid: 0 or more)"))?;
+    Ok((name.to_string(), w))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Agent(a) => {
+            if a.cleanup {
+                agent::cleanup(&a.pin_path, &a.state_dir, &a.admin_socket)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let cgroup = match a.cgroup {
+                Some(c) => c,
+                None => canary::dataplane::cgroup2_mount()?,
+            };
+            let Some(config) = a.config else {
+                bail!("--config is required")
+            };
+            let opts = AgentOptions {
+                config,
+                cgroup,
+                pin_path: a.pin_path,
+                admin_socket: a.admin_socket,
+                state_dir: a.state_dir,
+                kernel_log_level: a.kernel_log_level,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(agent::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { path } => match canary::config::load_path(&path) {
+            Ok(cfg) => {
+                for w in &cfg.warnings {
+                    println!("warning: {w}");
+                }
+                print!(
+                    "{}",
+                    canary::compile::summary(&canary::compile::compile(&cfg))
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                eprintln!("{} is invalid:\n{errors}", path.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Weights {
+            host,
+            weights,
+            route,
+            reset,
+            admin_socket,
+        } => {
+            let request = if reset {
+                Request::Reset { host }
+            } else {
+                Request::Weights {
+                    host,
+                    route,
+                    weights,
+                }
+            };
+            let response = admin::client::call(&admin_socket, &request)?;
+            println!("{}", response.message.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, admin_socket } => {
+            let response = admin::client::call(&admin_socket, &Request::Status)?;
+            let status = response.status.context("the agent sent no status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", admin::render::status_table(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_arguments() {
+        assert_eq!(parse_weight("v1=90"), Ok(("v1".into(), 90)));
+        assert_eq!(
+            parse_weight("v2=-5"),
+            Ok(("v2".into(), -5)),
+            "negative reaches the agent's check"
+        );
+        assert!(parse_weight("v1").unwrap_err().contains("SUBSET=WEIGHT"));
+        assert!(parse_weight("=5").unwrap_err().contains("no subset"));
+        assert!(
+            parse_weight("v1=ten")
+                .unwrap_err()
+                .contains("not an integer")
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! End-to-end tests of the in-kernel fast path: the real `canary` agent
+//! with its real eBPF programs attached to a test cgroup, real backends in
+//! network namespaces, and a real client (`canary-probe`) making TCP/HTTP
+//! connections to the Service VIP of `deploy/examples/`.
+//!
+//! Privileged: run with `cargo xtask test` (as root). They never skip.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use canary_tests::agent::{Agent, destinations};
+use canary_tests::checkout::{vip4, vip6};
+use canary_tests::e2e::*;
+use canary_tests::probe::{ProbeArgs, ProbeReport, spawn_probe};
+use canary_tests::{bin_path, require_root, unique_prefix};
+use serde_json::Value;
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn weighted_split_follows_a_live_weight_change_without_failures() {
+    require_root();
+    let prefix = unique_prefix();
+    let world = start(&prefix);
+    let agent = Agent::start(&prefix, &example("checkout"), &world.cgroup).expect("agent");
+    assert_eq!(
+        weights_of(&agent.status().expect("status")),
+        pair("v1", 90, "v2", 10)
+    );
+
+    let before = probe(&world, ProbeArgs::count(vip4(), 2000));
+    assert_clean(&before, 2000);
+    assert_share(&before, "v2", 0.10);
+
+    // A client keeps connecting while the operator changes the split.
+    let stop = std::env::temp_dir().join(format!("canary-{prefix}-stop"));
+    let bin = bin_path("canary-probe").expect("probe bin");
+    let background = spawn_probe(
+        &bin,
+        Some(world.client.netns()),
+        Some(&world.cgroup),
+        &ProbeArgs::until_file(vip4(), &stop, 120),
+    )
+    .expect("background probe");
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = agent
+        .weights("checkout-service", &["v1=50", "v2=50"])
+        .expect("weights");
+    assert!(
+        answer.contains("v1=50") && answer.contains("v2=50"),
+        "weights answer: {answer}"
+    );
+
+    let after = probe(&world, ProbeArgs::count(vip4(), 2000));
+    assert_clean(&after, 2000);
+    assert_share(&after, "v2", 0.50);
+
+    std::fs::write(&stop, b"").expect("stop file");
+    let across = ProbeReport::wait(background, Duration::from_secs(30)).expect("background report");
+    let _ = std::fs::remove_file(&stop);
+    assert!(
+        across.ok > 100,
+        "the background client barely ran: {across:?}"
+    );
+    assert_eq!(
+        across.failed, 0,
+        "connections failed across the change: {:?}",
+        across.errors
+    );
+    assert_eq!(across.peer_mismatch, 0);
+
+    // Status shows the override beside the file's weights.
+    let status = agent.status().expect("status");
+    assert_eq!(weights_of(&status), pair("v1", 50, "v2", 50));
+    let file: Vec<u64> = destinations(&status, HOST)
+        .iter()
+        .map(|d| d["file_weight"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(file, vec![90, 10]);
+    let port = &status["services"][0]["ports"][0];
+    assert_eq!(port["overridden"], true, "{port:#}");
+
+    // --reset returns to the file.
+    agent
+        .cli(&["weights", "checkout-service", "--reset"])
+        .expect("reset");
+    assert_eq!(
+        weights_of(&agent.status().expect("status")),
+        pair("v1", 90, "v2", 10)
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn ipv6_service_splits_like_ipv4() {
+    require_root();
+    let prefix = unique_prefix();
+    let world = start(&prefix);
+    let _agent = Agent::start(&prefix, &example("checkout"), &world.cgroup).expect("agent");
+    let r = probe(&world, ProbeArgs::count(vip6(), 2000));
+    assert_clean(&r, 2000);
+    assert_share(&r, "v2", 0.10);
+    // Both v1 pods serve (random pick inside the subset).
+    assert!(
+        r.by_pod.get("checkout-v1-a").copied().unwrap_or(0) > 500,
+        "{:?}",
+        r.by_pod
+    );
+    assert!(
+        r.by_pod.get("checkout-v1-b").copied().unwrap_or(0) > 500,
+        "{:?}",
+        r.by_pod
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn sockops_counters_equal_the_connections_made() {
+    require_root();
+    let prefix = unique_prefix();
+    let world = start(&prefix);
+    let agent = Agent::start(&prefix, &example("checkout"), &world.cgroup).expect("agent");
+    let mut made = probe(&world, ProbeArgs::count(vip4(), 600));
+    made.merge(probe(&world, ProbeArgs::count(vip6(), 400)));
+    assert_eq!(made.ok, 1000, "{made:?}");
+
+    let opened = |s: &Value, field: &str| -> BTreeMap<String, u64> {
+        destinations(s, HOST)
+            .iter()
+            .map(|d| {
+                (
+                    d["subset"].as_str().unwrap_or("").to_string(),
+                    d["counters"][field].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    // Closes are counted when the kernel finishes each socket: wait for all.
+    let status = wait_status(&agent, "every connection closed", |s| {
+        opened(s, "closed").values().sum::<u64>() == 1000
+    });
+    let by_subset = opened(&status, "opened");
+    assert_eq!(
+        by_subset.get("v1").copied().unwrap_or(0),
+        made.by_version["v1"],
+        "{status:#}"
+    );
+    assert_eq!(
+        by_subset.get("v2").copied().unwrap_or(0),
+        made.by_version.get("v2").copied().unwrap_or(0)
+    );
+    assert_eq!(opened(&status, "failed").values().sum::<u64>(), 0);
+    // Per endpoint too: each pod's counters (IPv4 and IPv6 address) equal
+    // the answers it gave.
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    for d in destinations(&status, HOST) {
+        for e in d["endpoints"].as_array().expect("endpoints") {
+            *per_pod
+                .entry(e["pod"].as_str().expect("pod").to_string())
+                .or_default() += e["counters"]["opened"].as_u64().unwrap_or(0);
+        }
+    }
+    per_pod.retain(|_, n| *n > 0);
+    assert_eq!(per_pod, made.by_pod);
+    let bytes: u64 = destinations(&status, HOST)
+        .iter()
+        .map(|d| d["counters"]["bytes_received"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(bytes > 1000 * 40, "bytes received from backends: {bytes}");
+}
