@@ -4,8 +4,7 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
-        generated::bpf_set_retval,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, generated::bpf_set_retval,
     },
     programs::SockAddrContext,
 };
@@ -44,7 +43,11 @@ pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
     };
 
     let sticky = table.flags & TABLE_HASH_SUBSET != 0;
-    let hash = if sticky || any_maglev(table) { client_hash(ctx, sa, family) } else { 0 };
+    let hash = if sticky || any_maglev(table) {
+        client_hash(ctx, sa, family)
+    } else {
+        0
+    };
     let point = if sticky {
         subset_point(hash)
     } else {
@@ -89,9 +92,17 @@ pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let flow = Flow { service, backend: *backend, subset, _pad: 0 };
+    let flow = Flow {
+        service,
+        backend: *backend,
+        subset,
+        _pad: 0,
+    };
     let _ = FLOWS.insert(&cookie, &flow, 0);
-    debug!(ctx, "canary: cookie {} -> subset {} backend #{}", cookie, subset, index);
+    debug!(
+        ctx,
+        "canary: cookie {} -> subset {} backend #{}", cookie, subset, index
+    );
     ALLOW
 }
 
@@ -179,7 +190,11 @@ fn client_hash(ctx: &SockAddrContext, sa: &aya_ebpf::bindings::bpf_sock_addr, fa
 
 /// Fails the connect() with EHOSTUNREACH and counts it.
 fn refuse(ctx: &SockAddrContext, service: &ServiceKey, subset: u32) -> i32 {
-    let key = CounterKey { service: *service, backend: Backend::default(), subset };
+    let key = CounterKey {
+        service: *service,
+        backend: Backend::default(),
+        subset,
+    };
     count(&key, |c| c.no_endpoint += 1);
     unsafe { bpf_set_retval(-EHOSTUNREACH) };
     debug!(ctx, "canary: no endpoint in subset {}", subset);

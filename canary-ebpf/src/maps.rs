@@ -33,5 +33,4 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned
 
 /// Network namespace cookie → the pod address the agent resolved for it.
 #[map]
-pub static CLIENT_IDS: HashMap<u64, ClientIdentity> =
-    HashMap::pinned(MAX_CLIENT_IDENTITIES, 0);
+pub static CLIENT_IDS: HashMap<u64, ClientIdentity> = HashMap::pinned(MAX_CLIENT_IDENTITIES, 0);

@@ -33,7 +33,8 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
             if let Some((cookie, flow)) = flow_of(ctx) {
                 let never_established = ctx.arg(0) == BPF_TCP_SYN_SENT;
                 // SAFETY: valid context; byte counters are plain reads.
-                let (sent, received) = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
+                let (sent, received) =
+                    unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
                 count(&key_of(&flow), |c| {
                     if never_established {
                         c.failed += 1;
@@ -58,7 +59,11 @@ fn flow_of(ctx: &SockOpsContext) -> Option<(u64, Flow)> {
 }
 
 fn key_of(flow: &Flow) -> CounterKey {
-    CounterKey { service: flow.service, backend: flow.backend, subset: flow.subset }
+    CounterKey {
+        service: flow.service,
+        backend: flow.backend,
+        subset: flow.subset,
+    }
 }
 
 /// Applies `update` to this CPU's counters for `key`, creating them first.

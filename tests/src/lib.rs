@@ -14,9 +14,9 @@
 
 pub mod agent;
 pub mod backend;
+pub mod cgroup;
 pub mod checkout;
 pub mod e2e;
-pub mod cgroup;
 pub mod http;
 mod ip;
 pub mod net;

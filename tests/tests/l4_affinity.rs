@@ -116,3 +116,63 @@ fn source_ip_affinity_sticks_and_a_weight_change_moves_only_the_band() {
         "no client fell in the 20% band; choose more clients"
     );
 }
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn unbound_sockets_hash_like_their_namespace_address() {
+    require_root();
+    let prefix = unique_prefix();
+    let mut world = start(&prefix);
+    // Pods that never bind(): at connect() they have no source address, so
+    // the kernel hashes their network namespace, which the agent maps to
+    // the namespace's address.
+    // Four pods whose address hashes into v2's 10% band and four into v1's,
+    // so a kernel that ignored the mapping would be caught (it would send
+    // the v2 ones to v2 only by a 1-in-10 chance each).
+    let candidates = (1..=254u8).map(|i| -> IpAddr { format!("10.77.2.{i}").parse().expect("ip") });
+    let v2: Vec<IpAddr> = candidates
+        .clone()
+        .filter(|ip| point(*ip) >= 9000)
+        .take(4)
+        .collect();
+    let v1: Vec<IpAddr> = candidates.filter(|ip| point(*ip) < 9000).take(4).collect();
+    let pods: Vec<(canary_tests::Host, IpAddr)> = v2
+        .into_iter()
+        .chain(v1)
+        .enumerate()
+        .map(|(i, ip)| {
+            let host = world
+                .topology
+                .add_host(&format!("p{i}"), &[format!("{ip}/16")])
+                .expect("pod netns");
+            (host, ip)
+        })
+        .collect();
+    let _agent =
+        Agent::start(&prefix, &example("source-ip-affinity"), &world.cgroup).expect("agent");
+    let bin = canary_tests::bin_path("canary-probe").expect("probe");
+    for (host, ip) in &pods {
+        let r = canary_tests::probe::run_probe(
+            &bin,
+            Some(host.netns()),
+            Some(&world.cgroup),
+            &ProbeArgs::count(vip4(), CONNECTIONS_EACH),
+        )
+        .expect("probe");
+        assert_clean(&r, CONNECTIONS_EACH);
+        assert_eq!(
+            r.by_pod.len(),
+            1,
+            "pod {ip} was split across {:?}",
+            r.by_pod
+        );
+        let pod = r.by_pod.keys().next().expect("pod");
+        let expect = if point(*ip) < 9000 { "v1" } else { "v2" };
+        assert_eq!(
+            version_of(pod),
+            expect,
+            "pod {ip} (point {}) answered by {pod}",
+            point(*ip)
+        );
+    }
+}

@@ -37,7 +37,7 @@ pub fn status_table(s: &StatusReport) -> String {
             let _ = writeln!(
                 out,
                 "    {:<12} {:>7} {:>8} {:>9} {:>8} {:>8} {:>8} {:>11}",
-                "SUBSET", "WEIGHT", "SHARE", "OPENED", "ACTIVE", "FAILED", "NO-EP", "ENDPOINTS"
+                "SUBSET", "WEIGHT", "SHARE", "OPENED", "ACTIVE", "FAILED", "NO-EP", "PODS"
             );
             for d in &port.destinations {
                 let name = d.subset.clone().unwrap_or_else(|| d.host.clone());
@@ -56,7 +56,7 @@ pub fn status_table(s: &StatusReport) -> String {
                     d.counters.active,
                     d.counters.failed,
                     d.counters.no_endpoint,
-                    d.endpoints.len()
+                    pods(d)
                 );
             }
         }
@@ -72,6 +72,15 @@ pub fn status_table(s: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// Distinct pods behind a destination (a dual-stack pod has two addresses).
+fn pods(d: &super::protocol::DestinationStatus) -> usize {
+    d.endpoints
+        .iter()
+        .map(|e| e.pod.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 fn route_line(p: &PortStatus) -> String {

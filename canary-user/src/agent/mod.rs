@@ -6,7 +6,7 @@ mod overrides;
 mod state;
 mod watch;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ use tokio::io::unix::AsyncFd;
 use crate::admin::server::{self, SocketGuard};
 use crate::dataplane::{Dataplane, DataplaneOptions, KernelLogLevel};
 pub use state::Agent;
+
+/// Seconds between rescans of /run/netns for client identities.
+const IDENTITY_RESCAN_TICKS: u64 = 5;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -45,6 +48,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
     // A bad config at start is reported but not fatal: whatever a previous
     // agent left in the kernel keeps serving until the files are fixed.
+    agent.refresh_client_identities();
     let _ = agent.reload();
     let mut seen = watch::fingerprint(&opts.config);
 
@@ -57,9 +61,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                ticks += 1;
+                // Pods come and go: rescan their namespaces every few seconds.
+                if ticks.is_multiple_of(IDENTITY_RESCAN_TICKS) {
+                    let agent = agent.clone();
+                    let _ = tokio::task::spawn_blocking(move || agent.refresh_client_identities()).await;
+                }
                 let now = watch::fingerprint(&opts.config);
                 if now != seen {
                     seen = now;
@@ -89,7 +100,7 @@ fn check_attachment(opts: &AgentOptions) -> Result<()> {
         .unwrap_or_else(|_| opts.cgroup.clone());
     if links.exists()
         && let Ok(prev) = std::fs::read_to_string(&record)
-        && PathBuf::from(prev.trim()) != ours
+        && ours != Path::new(prev.trim())
     {
         bail!(
             "the pinned data path at {} is attached to cgroup {}, not {}; \

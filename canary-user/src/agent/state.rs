@@ -97,6 +97,19 @@ impl Agent {
         result
     }
 
+    /// Refreshes the network namespace → client address map the kernel
+    /// uses to hash unbound sockets like their pod's IP.
+    pub fn refresh_client_identities(&self) {
+        let ids = crate::dataplane::identities::scan(std::path::Path::new(
+            crate::dataplane::identities::NETNS_DIR,
+        ));
+        match self.lock().dataplane.sync_client_identities(&ids) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(changed = n, known = ids.len(), "client identities updated"),
+            Err(e) => tracing::warn!("cannot update client identities: {e:#}"),
+        }
+    }
+
     fn set_weights(
         &self,
         host: &str,

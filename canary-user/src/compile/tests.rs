@@ -691,3 +691,110 @@ fn compile_is_deterministic() {
         serde_json::to_string(&b).unwrap_or_default()
     );
 }
+
+/// Loads the seed article's YAML verbatim (`tests/fixtures/seed`).
+fn seed(files: &[&str]) -> LoadedConfig {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed");
+    let texts: Vec<(std::path::PathBuf, String)> = ["services-pods.yaml"]
+        .iter()
+        .chain(files)
+        .map(|f| {
+            let p = dir.join(f);
+            let text =
+                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, text)
+        })
+        .collect();
+    load_documents(&texts).unwrap_or_else(|e| panic!("{files:?}:\n{e}"))
+}
+
+#[test]
+fn the_seed_articles_yaml_loads_as_written() {
+    let table = compile(&seed(&["destinationrule.yaml", "vs-composite.yaml"]));
+    assert_eq!(reasons(&table, CHECKOUT), vec!["http[0].match.headers"]);
+    let route = route_of(&table, CHECKOUT, 8080);
+    assert_eq!(route.name.as_deref(), Some("public-traffic-split"));
+    assert_eq!(split(route), vec![("v1".into(), 95), ("v2".into(), 5)]);
+    // The objects have no namespace: `default`, routing an FQDN in `prod`.
+    assert_eq!(
+        table.services[0].virtual_service.as_deref(),
+        Some("VirtualService/default/checkout-service-vs")
+    );
+
+    let table = compile(&seed(&["destinationrule.yaml", "vs-mirror.yaml"]));
+    assert_eq!(reasons(&table, CHECKOUT), vec!["http[0].mirror"]);
+    assert_eq!(
+        split(route_of(&table, CHECKOUT, 8080)),
+        vec![("v1".into(), 100)]
+    );
+
+    let table = compile(&seed(&["destinationrule-session.yaml", "vs-session.yaml"]));
+    assert_eq!(
+        reasons(&table, CHECKOUT),
+        vec!["DestinationRule consistentHash.httpHeaderName"]
+    );
+
+    // The article's "common mistake": valid Istio, but its second rule can
+    // never match. Loads, with a warning that says so.
+    let cfg = seed(&["destinationrule.yaml", "vs-per-subset-mistake.yaml"]);
+    let w = cfg
+        .warnings
+        .iter()
+        .find(|w| w.field.as_deref() == Some("spec.http[1]"))
+        .unwrap_or_else(|| panic!("{:?}", cfg.warnings));
+    println!("{w}");
+    assert!(w.message.starts_with("unreachable: http[0] has no match"));
+    let table = compile(&cfg);
+    assert_eq!(
+        reasons(&table, CHECKOUT),
+        vec![
+            "http[0].timeout",
+            "http[0].retries",
+            "http[1].timeout",
+            "http[1].retries"
+        ]
+    );
+}
+
+#[test]
+fn apply_weights_rejects_an_ambiguous_subset_name() {
+    // Two hosts, each with a subset called stable.
+    let mut text = String::from(FLAGGER)
+        .replace(
+            "destination: {host: checkout-primary}",
+            "destination: {host: checkout-primary, subset: stable}",
+        )
+        .replace(
+            "destination: {host: checkout-canary}",
+            "destination: {host: checkout-canary, subset: stable}",
+        );
+    for host in ["checkout-primary", "checkout-canary"] {
+        text.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}, namespace: prod}}\nspec:\n  host: {host}\n  subsets: [{{name: stable, labels: {{}}}}]\n"
+        ));
+    }
+    let table = compile(&must_load(&text));
+    let e = apply_weights(&table, CHECKOUT, None, &w(&[("stable", 10)])).expect_err("ambiguous");
+    println!("{e}");
+    assert_eq!(
+        e.to_string(),
+        "\"stable\" names several destinations of port 8080 route \"checkout\" (virtualservice http[0]) of \
+         checkout-service.prod.svc.cluster.local (valid: one of checkout-canary/stable, checkout-primary/stable)"
+    );
+    let moved = apply_weights(
+        &table,
+        CHECKOUT,
+        None,
+        &w(&[
+            ("checkout-canary/stable", 10),
+            ("checkout-primary/stable", 90),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let weights: Vec<u32> = route_of(&moved, CHECKOUT, 8080)
+        .destinations
+        .iter()
+        .map(|d| d.weight)
+        .collect();
+    assert_eq!(weights, vec![10, 90]);
+}

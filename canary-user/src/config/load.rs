@@ -59,6 +59,8 @@ fn load(
     }
     let files = texts.into_iter().map(|(f, _)| f).collect();
     let cfg = validate::validate(parsed, files, &mut diags);
+    // Grouped by file, each file's errors in the order found.
+    diags.errors.sort_by(|a, b| a.file.cmp(&b.file));
     if diags.errors.is_empty() {
         let mut cfg = cfg;
         cfg.warnings = diags.warnings;

@@ -279,6 +279,7 @@ pub struct VirtualService {
 pub struct LoadedConfig {
     /// Sorted by host.
     pub services: Vec<Service>,
+    /// Sorted by namespace, then name.
     pub pods: Vec<Pod>,
     pub destination_rules: Vec<DestinationRule>,
     pub virtual_services: Vec<VirtualService>,
@@ -289,7 +290,9 @@ pub struct LoadedConfig {
 
 impl LoadedConfig {
     pub fn service(&self, host: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.host == host)
+        // Sorted by host.
+        let i = self.services.partition_point(|s| s.host.as_str() < host);
+        self.services.get(i).filter(|s| s.host == host)
     }
 
     pub fn destination_rule(&self, host: &str) -> Option<&DestinationRule> {
@@ -318,8 +321,14 @@ impl LoadedConfig {
         service: &'a Service,
         labels: &'a BTreeMap<String, String>,
     ) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods.iter().filter(move |p| {
-            p.meta.namespace == service.meta.namespace && p.selected_by(&service.selector, labels)
-        })
+        // Sorted by namespace, then name.
+        let ns = service.meta.namespace.as_str();
+        let start = self
+            .pods
+            .partition_point(|p| p.meta.namespace.as_str() < ns);
+        self.pods[start..]
+            .iter()
+            .take_while(move |p| p.meta.namespace == ns)
+            .filter(move |p| p.selected_by(&service.selector, labels))
     }
 }

@@ -7,6 +7,7 @@
 //! keeps working with no agent running; a new agent adopts it.
 
 pub mod encode;
+pub mod identities;
 pub mod maglev;
 mod programs;
 pub mod slots;

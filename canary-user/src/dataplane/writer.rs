@@ -1,7 +1,8 @@
 //! Writes encoded routes into the kernel maps with the spare-slot-then-flip
 //! discipline, and reads the counters back.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::net::IpAddr;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, anyhow};
@@ -42,6 +43,7 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     maglev: HashMap<MapData, MaglevKey, MaglevTable>,
     counters: PerCpuHashMap<MapData, CounterKey, Counters>,
+    client_ids: HashMap<MapData, u64, ClientIdentity>,
     installed: StdHashMap<ServiceKey, Installed>,
     table_slots: RangeAllocator,
     backend_slots: RangeAllocator,
@@ -74,6 +76,7 @@ impl Dataplane {
             backends: Array::try_from(take(&mut ebpf, "BACKENDS")?)?,
             maglev: HashMap::try_from(take(&mut ebpf, "MAGLEV")?)?,
             counters: PerCpuHashMap::try_from(take(&mut ebpf, "COUNTERS")?)?,
+            client_ids: HashMap::try_from(take(&mut ebpf, "CLIENT_IDS")?)?,
             _ebpf: ebpf,
             installed: StdHashMap::new(),
             table_slots: RangeAllocator::new(MAX_TABLES),
@@ -277,6 +280,36 @@ impl Dataplane {
             // Most retired tables had no Maglev entry: NotFound is expected.
             let _ = self.maglev.remove(&key);
         }
+    }
+
+    /// Makes `CLIENT_IDS` hold exactly `ids` (network namespace cookie →
+    /// client address); returns how many entries changed.
+    pub fn sync_client_identities(&mut self, ids: &BTreeMap<u64, IpAddr>) -> Result<usize> {
+        let current: Vec<(u64, ClientIdentity)> = self
+            .client_ids
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading CLIENT_IDS")?;
+        let mut changed = 0;
+        for (cookie, _) in current.iter().filter(|(c, _)| !ids.contains_key(c)) {
+            self.client_ids
+                .remove(cookie)
+                .context("pruning CLIENT_IDS")?;
+            changed += 1;
+        }
+        for (cookie, ip) in ids {
+            let want = ClientIdentity {
+                addr: super::addr_words(*ip),
+            };
+            if current.iter().any(|(c, v)| c == cookie && *v == want) {
+                continue;
+            }
+            self.client_ids
+                .insert(*cookie, want, 0)
+                .context("writing CLIENT_IDS")?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// Every counter record, summed over CPUs.

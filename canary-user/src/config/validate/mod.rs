@@ -3,6 +3,7 @@
 //! first problem: every error goes into `Diagnostics`.
 
 mod destination_rule;
+mod http;
 mod kube;
 mod virtual_service;
 
@@ -83,7 +84,9 @@ pub(super) struct Refs<'a> {
 
 impl Refs<'_> {
     pub fn service(&self, host: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.host == host)
+        // Sorted by host.
+        let i = self.services.partition_point(|s| s.host.as_str() < host);
+        self.services.get(i).filter(|s| s.host == host)
     }
 
     pub fn destination_rule(&self, host: &str) -> Option<&DestinationRule> {
