@@ -10,3 +10,4 @@ pub mod agent;
 pub mod compile;
 pub mod config;
 pub mod dataplane;
+pub mod observe;
