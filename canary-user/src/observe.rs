@@ -67,7 +67,11 @@ pub enum ShimEvent {
     /// A mirror copy was not sent because the in-flight bound was reached.
     MirrorDropped { destination_service: String },
     /// Outlier detection ejected an endpoint.
-    EndpointEjected { destination_service: String, subset: Option<String>, endpoint: std::net::SocketAddr },
+    EndpointEjected {
+        destination_service: String,
+        subset: Option<String>,
+        endpoint: std::net::SocketAddr,
+    },
 }
 
 pub trait RequestObserver: Send + Sync + 'static {
