@@ -30,10 +30,17 @@ pub const MAX_MAGLEV_TABLES: u32 = 8_192;
 pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_COUNTERS: u32 = 65_536;
 pub const MAX_CLIENT_IDENTITIES: u32 = 16_384;
+pub const MAX_ORIG_DST: u32 = 65_536;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
+
+/// `ServiceEntry.flags`: the routes need HTTP; send the connection to the
+/// L7 shim listening on the client's own loopback.
+pub const SERVICE_SHIM: u16 = 1;
+/// `Flow.subset` of a connection handed to the shim (it picks per request).
+pub const SUBSET_SHIM: u32 = u32::MAX;
 
 /// `RouteTable.flags`: the subset is chosen by client hash, not at random.
 pub const TABLE_HASH_SUBSET: u32 = 1;
@@ -57,7 +64,10 @@ pub struct ServiceKey {
 pub struct ServiceEntry {
     /// Slot in `TABLES` that holds this service's live route.
     pub table: u32,
-    pub flags: u32,
+    pub flags: u16,
+    /// With `SERVICE_SHIM`: the shim's port on the client's loopback,
+    /// network byte order.
+    pub shim_port: u16,
 }
 
 #[repr(C)]
@@ -142,6 +152,20 @@ pub struct Counters {
     pub bytes_received: u64,
 }
 
+/// A connection the shim accepts, as the shim sees it: the client's
+/// network namespace and its address and port (the shim listens on the
+/// client's own loopback, so addresses alone repeat across namespaces).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigKey {
+    pub netns: u64,
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
 /// A client address the agent resolved for a network namespace cookie, so
 /// that unbound sockets of a pod hash like the pod's IP.
 #[repr(C)]
@@ -161,6 +185,7 @@ const _: () = assert!(size_of::<Flow>() == 48);
 const _: () = assert!(size_of::<CounterKey>() == 44);
 const _: () = assert!(size_of::<Counters>() == 48);
 const _: () = assert!(size_of::<ClientIdentity>() == 16);
+const _: () = assert!(size_of::<OrigKey>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -177,4 +202,5 @@ mod pod {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ClientIdentity {}
+    unsafe impl aya::Pod for OrigKey {}
 }

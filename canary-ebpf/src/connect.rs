@@ -3,6 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::bpf_sock_addr,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, generated::bpf_set_retval,
     },
@@ -23,14 +24,18 @@ const IPPROTO_TCP: u32 = 6;
 /// letting the SYN go to an address nobody owns.
 const EHOSTUNREACH: i32 = 113;
 
-pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
+/// Generic over the address family so that every family test is resolved
+/// at compile time: the verifier rejects a context store through a pointer
+/// chosen at run time between `user_ip4` and `user_ip6`.
+pub fn on_connect<const FAMILY: u8>(ctx: &SockAddrContext) -> i32 {
+    let family = FAMILY;
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
     let service = ServiceKey {
-        addr: dialled_addr(sa, family),
+        addr: dialled_addr::<FAMILY>(sa),
         port: sa.user_port as u16,
         family,
         proto: PROTO_TCP,
@@ -38,13 +43,16 @@ pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
     let Some(entry) = (unsafe { SERVICES.get(&service) }) else {
         return ALLOW; // not a service: leave the connection alone
     };
+    if entry.flags & SERVICE_SHIM != 0 {
+        return to_shim::<FAMILY>(ctx, sa, service, entry.shim_port);
+    }
     let Some(table) = TABLES.get(entry.table) else {
         return ALLOW;
     };
 
     let sticky = table.flags & TABLE_HASH_SUBSET != 0;
     let hash = if sticky || any_maglev(table) {
-        client_hash(ctx, sa, family)
+        client_hash::<FAMILY>(ctx, sa)
     } else {
         0
     };
@@ -79,6 +87,46 @@ pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
         return ALLOW;
     };
 
+    rewrite::<FAMILY>(ctx, sa, service, *backend, subset);
+    debug!(ctx, "canary: subset {} backend #{}", subset, index);
+    ALLOW
+}
+
+/// Sends the connection to the L7 shim on the client's own loopback (the
+/// agent keeps a listener in every client network namespace).
+fn to_shim<const FAMILY: u8>(
+    ctx: &SockAddrContext,
+    sa: &mut bpf_sock_addr,
+    service: ServiceKey,
+    port: u16,
+) -> i32 {
+    let family = FAMILY;
+    let addr = if family == FAMILY_V4 {
+        [u32::to_be(0x7f00_0001), 0, 0, 0]
+    } else {
+        [0, 0, 0, u32::to_be(1)]
+    };
+    let shim = Backend {
+        addr,
+        port,
+        family,
+        _pad: 0,
+    };
+    rewrite::<FAMILY>(ctx, sa, service, shim, SUBSET_SHIM);
+    ALLOW
+}
+
+/// Points the socket at `backend` and records the choice for
+/// getpeername, sockops and the shim.
+#[inline(always)]
+fn rewrite<const FAMILY: u8>(
+    ctx: &SockAddrContext,
+    sa: &mut bpf_sock_addr,
+    service: ServiceKey,
+    backend: Backend,
+    subset: u32,
+) {
+    let family = FAMILY;
     // Full 32-bit stores: the verifier rejects narrower writes here.
     unsafe {
         if family == FAMILY_V4 {
@@ -90,20 +138,14 @@ pub fn on_connect(ctx: &SockAddrContext, family: u8) -> i32 {
         }
         core::ptr::write_volatile(&mut sa.user_port, backend.port as u32);
     }
-
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let flow = Flow {
         service,
-        backend: *backend,
+        backend,
         subset,
         _pad: 0,
     };
     let _ = FLOWS.insert(&cookie, &flow, 0);
-    debug!(
-        ctx,
-        "canary: cookie {} -> subset {} backend #{}", cookie, subset, index
-    );
-    ALLOW
 }
 
 #[inline(always)]
@@ -112,7 +154,8 @@ fn random() -> u32 {
 }
 
 /// The destination as the application dialled it, in map-key form.
-fn dialled_addr(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u8) -> [u32; 4] {
+fn dialled_addr<const FAMILY: u8>(sa: &bpf_sock_addr) -> [u32; 4] {
+    let family = FAMILY;
     // One 32-bit load per word: the verifier only allows those on user_ip6.
     unsafe {
         if family == FAMILY_V4 {
@@ -163,7 +206,8 @@ fn any_maglev(table: &RouteTable) -> bool {
 /// has one; otherwise the pod address the agent mapped to the client's
 /// network namespace cookie; otherwise the namespace cookie itself. A pod is
 /// one network namespace, so every unbound socket of a pod hashes alike.
-fn client_hash(ctx: &SockAddrContext, sa: &aya_ebpf::bindings::bpf_sock_addr, family: u8) -> u32 {
+fn client_hash<const FAMILY: u8>(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> u32 {
+    let family = FAMILY;
     // SAFETY: sock_addr programs always see a full socket in `sk`.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     let bound = unsafe {

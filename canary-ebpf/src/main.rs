@@ -24,12 +24,12 @@ use canary_common::{FAMILY_V4, FAMILY_V6};
 
 #[cgroup_sock_addr(connect4)]
 pub fn canary_connect4(ctx: SockAddrContext) -> i32 {
-    connect::on_connect(&ctx, FAMILY_V4)
+    connect::on_connect::<FAMILY_V4>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn canary_connect6(ctx: SockAddrContext) -> i32 {
-    connect::on_connect(&ctx, FAMILY_V6)
+    connect::on_connect::<FAMILY_V6>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]

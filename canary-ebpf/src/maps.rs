@@ -34,3 +34,8 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned
 /// Network namespace cookie → the pod address the agent resolved for it.
 #[map]
 pub static CLIENT_IDS: HashMap<u64, ClientIdentity> = HashMap::pinned(MAX_CLIENT_IDENTITIES, 0);
+
+/// The shim's look-up of what a redirected client dialled: written when
+/// the client's connection to the shim is established, removed at close.
+#[map]
+pub static ORIG_DST: LruHashMap<OrigKey, ServiceKey> = LruHashMap::pinned(MAX_ORIG_DST, 0);

@@ -8,12 +8,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use canary_common::{CounterKey, Counters, Flow};
+use canary_common::{CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM};
 
-use crate::maps::{COUNTERS, FLOWS};
+use crate::maps::{COUNTERS, FLOWS, ORIG_DST};
+
+const AF_INET6: u32 = 10;
 
 pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
     match ctx.op() {
@@ -27,6 +29,11 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             if let Some((_, flow)) = flow_of(ctx) {
                 count(&key_of(&flow), |c| c.opened += 1);
+                if flow.subset == SUBSET_SHIM {
+                    // Before the shim's accept() can return: the client
+                    // sends the handshake's last ACK after this callback.
+                    let _ = ORIG_DST.insert(&orig_key(ctx), &flow.service, 0);
+                }
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
@@ -45,11 +52,46 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
                     }
                 });
                 let _ = FLOWS.remove(&cookie);
+                if flow.subset == SUBSET_SHIM {
+                    let _ = ORIG_DST.remove(&orig_key(ctx));
+                }
             }
         }
         _ => {}
     }
     1
+}
+
+/// The client side of a connection to the shim, as the shim will see it.
+fn orig_key(ctx: &SockOpsContext) -> OrigKey {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let port = (ctx.local_port() as u16).to_be();
+    // One 32-bit context load per word: the verifier rejects a copy of
+    // the whole array through a derived pointer.
+    let ops = ctx.ops;
+    let (addr, family) = unsafe {
+        if ctx.family() == AF_INET6 {
+            let w = |i: usize| core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip6[i]));
+            ([w(0), w(1), w(2), w(3)], FAMILY_V6)
+        } else {
+            (
+                [
+                    core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip4)),
+                    0,
+                    0,
+                    0,
+                ],
+                FAMILY_V4,
+            )
+        }
+    };
+    OrigKey {
+        netns,
+        addr,
+        port,
+        family,
+        _pad: [0; 5],
+    }
 }
 
 fn flow_of(ctx: &SockOpsContext) -> Option<(u64, Flow)> {

@@ -10,4 +10,6 @@ pub mod agent;
 pub mod compile;
 pub mod config;
 pub mod dataplane;
+pub mod metrics;
 pub mod observe;
+pub mod shim;

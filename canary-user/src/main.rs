@@ -77,6 +77,11 @@ struct AgentArgs {
     /// Kernel-side log level (aya-log); `debug` logs every connection.
     #[arg(long, value_enum, default_value_t = KernelLogLevel::Warn)]
     kernel_log_level: KernelLogLevel,
+    /// Port of the L7 shim on each client namespace's loopback (127.0.0.1
+    /// and ::1), where the kernel sends connections to services that need
+    /// HTTP routing.
+    #[arg(long, default_value_t = 15001)]
+    shim_port: u16,
     /// Detach and unpin everything canary put in the kernel, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -135,6 +140,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 admin_socket: a.admin_socket,
                 state_dir: a.state_dir,
                 kernel_log_level: a.kernel_log_level,
+                shim_port: a.shim_port,
+                shim: canary::shim::ShimOptions::default(),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)

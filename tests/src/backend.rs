@@ -38,6 +38,10 @@ pub struct BackendSpec {
     pub fail_first: u64,
     /// `--fail-status` (503 by default).
     pub fail_status: u16,
+    /// `--fail-every N`: every Nth request answers `fail_status`.
+    pub fail_every: u64,
+    /// `--log PATH`: one JSON line per request received.
+    pub log: Option<std::path::PathBuf>,
     /// `--verbose`: one line per request on stderr.
     pub verbose: bool,
 }
@@ -58,8 +62,23 @@ impl BackendSpec {
             delay: Duration::ZERO,
             fail_first: 0,
             fail_status: 503,
+            fail_every: 0,
+            log: None,
             verbose: false,
         }
+    }
+
+    /// Every `n`th request answers `status`.
+    pub fn fail_every(mut self, n: u64, status: u16) -> Self {
+        self.fail_every = n;
+        self.fail_status = status;
+        self
+    }
+
+    /// Log every request received to `path` (JSON lines).
+    pub fn log(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.log = Some(path.into());
+        self
     }
 
     pub fn listen(mut self, addr: SocketAddr) -> Self {
@@ -105,6 +124,17 @@ impl BackendSpec {
                 "--fail-status".to_owned(),
                 self.fail_status.to_string(),
             ]);
+        }
+        if self.fail_every > 0 {
+            args.extend([
+                "--fail-every".to_owned(),
+                self.fail_every.to_string(),
+                "--fail-status".to_owned(),
+                self.fail_status.to_string(),
+            ]);
+        }
+        if let Some(log) = &self.log {
+            args.extend(["--log".to_owned(), log.display().to_string()]);
         }
         if self.verbose {
             args.push("--verbose".to_owned());

@@ -49,6 +49,16 @@ impl Checkout {
     /// `backend_bin`) for every pod, and a client cgroup
     /// `canary-<prefix>-client`.
     pub fn start(prefix: &str, backend_bin: &Path) -> Result<Self> {
+        Self::start_with(prefix, backend_bin, |_, spec| spec)
+    }
+
+    /// Like [`Checkout::start`], with each pod's backend adjusted by
+    /// `customize(pod, spec)` (delays, failures, request logs).
+    pub fn start_with(
+        prefix: &str,
+        backend_bin: &Path,
+        customize: impl Fn(&str, BackendSpec) -> BackendSpec,
+    ) -> Result<Self> {
         let mut topology = Topology::new(prefix)?;
         let mut hosts = Vec::new();
         for (version, pod, v4, v6) in PODS {
@@ -64,9 +74,12 @@ impl Checkout {
         let cgroup = TestCgroup::new(prefix, "client")?;
         let mut backends = Vec::new();
         for (version, pod, v4, v6, host) in &hosts {
-            let spec = BackendSpec::new(*version, *pod)
-                .listen(SocketAddr::new(v4.parse()?, PORT))
-                .listen(SocketAddr::new(v6.parse()?, PORT));
+            let spec = customize(
+                pod,
+                BackendSpec::new(*version, *pod)
+                    .listen(SocketAddr::new(v4.parse()?, PORT))
+                    .listen(SocketAddr::new(v6.parse()?, PORT)),
+            );
             backends.push(spec.spawn(backend_bin, Some(host.netns()), None)?);
         }
         Ok(Self {

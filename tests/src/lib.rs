@@ -18,11 +18,13 @@ pub mod cgroup;
 pub mod checkout;
 pub mod e2e;
 pub mod http;
+pub mod httpclient;
 mod ip;
 pub mod net;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod prometheus;
 pub mod topology;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -53,6 +53,35 @@ pub struct ProbeReport {
     /// Wall time of the whole run.
     #[serde(default)]
     pub elapsed_ms: u64,
+    /// With `--connect-timing`: how long the `connect()` system calls of
+    /// the successful connects took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ns: Option<ConnectTiming>,
+    /// With `--timeline`: per answering version, when its first and last
+    /// connections started (wall clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<BTreeMap<String, VersionSpan>>,
+}
+
+/// Distribution of `connect()` system call durations, in nanoseconds
+/// (nearest-rank percentiles).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectTiming {
+    pub samples: u64,
+    pub min: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub mean: u64,
+}
+
+/// When the first and the last connection answered by one version started,
+/// in nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionSpan {
+    pub first_unix_ns: u64,
+    pub last_unix_ns: u64,
 }
 
 /// What one connection found out.
@@ -101,6 +130,10 @@ pub struct ProbeArgs {
     /// How long [`run_probe`] waits for the whole run; derived from the
     /// other fields when `None`.
     pub wall_timeout: Option<Duration>,
+    /// Time every `connect()` system call (`--connect-timing`).
+    pub connect_timing: bool,
+    /// Record when each version first and last answered (`--timeline`).
+    pub timeline: bool,
 }
 
 // === impl ProbeReport ===
@@ -160,7 +193,26 @@ impl ProbeReport {
         }
     }
 
+    /// Notes that a connection started at `started_unix_ns` was answered
+    /// by `version` (`--timeline`).
+    pub fn record_timeline(&mut self, version: &str, started_unix_ns: u64) {
+        let span = VersionSpan {
+            first_unix_ns: started_unix_ns,
+            last_unix_ns: started_unix_ns,
+        };
+        merge_span(
+            self.timeline
+                .get_or_insert_with(BTreeMap::new)
+                .entry(version.to_owned())
+                .or_insert(span),
+            span,
+        );
+    }
+
     /// Adds another report's counts (from another worker) to this one.
+    ///
+    /// Percentiles do not add up, so `connect_ns` is left as it is: the
+    /// probe computes it once from every worker's samples.
     pub fn merge(&mut self, other: ProbeReport) {
         fn add(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
             for (k, v) in from {
@@ -182,6 +234,12 @@ impl ProbeReport {
             }
         }
         self.elapsed_ms = self.elapsed_ms.max(other.elapsed_ms);
+        if let Some(spans) = other.timeline {
+            let into = self.timeline.get_or_insert_with(BTreeMap::new);
+            for (version, span) in spans {
+                merge_span(into.entry(version).or_insert(span), span);
+            }
+        }
     }
 
     /// Share of successful connections answered by `version` (0 if none).
@@ -200,6 +258,36 @@ impl ProbeReport {
             return 0.0;
         }
         self.attempted as f64 * 1000.0 / self.elapsed_ms as f64
+    }
+}
+
+fn merge_span(into: &mut VersionSpan, other: VersionSpan) {
+    into.first_unix_ns = into.first_unix_ns.min(other.first_unix_ns);
+    into.last_unix_ns = into.last_unix_ns.max(other.last_unix_ns);
+}
+
+// === impl ConnectTiming ===
+
+impl ConnectTiming {
+    /// Summarises durations in nanoseconds (sorts them); `None` if empty.
+    pub fn from_samples(samples: &mut [u64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let n = samples.len();
+        // Nearest rank: the smallest sample with at least p% at or below it.
+        let rank = |p: usize| samples[(n * p).div_ceil(100).clamp(1, n) - 1];
+        let sum: u128 = samples.iter().map(|&s| u128::from(s)).sum();
+        Some(ConnectTiming {
+            samples: n as u64,
+            min: samples[0],
+            p50: rank(50),
+            p90: rank(90),
+            p99: rank(99),
+            max: samples[n - 1],
+            mean: u64::try_from(sum / n as u128).unwrap_or(u64::MAX),
+        })
     }
 }
 
@@ -224,6 +312,8 @@ impl ProbeArgs {
             timeout: DEFAULT_CONNECT_TIMEOUT,
             host: None,
             wall_timeout: None,
+            connect_timing: false,
+            timeline: false,
         }
     }
 
@@ -268,6 +358,18 @@ impl ProbeArgs {
         self
     }
 
+    /// Report the distribution of `connect()` durations.
+    pub fn connect_timing(mut self) -> Self {
+        self.connect_timing = true;
+        self
+    }
+
+    /// Report when each version first and last answered.
+    pub fn timeline(mut self) -> Self {
+        self.timeline = true;
+        self
+    }
+
     /// The command line for `canary-probe`.
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec!["--target".to_owned(), self.target.to_string()];
@@ -299,6 +401,12 @@ impl ProbeArgs {
         ]);
         if let Some(host) = &self.host {
             args.extend(["--host".to_owned(), host.clone()]);
+        }
+        if self.connect_timing {
+            args.push("--connect-timing".to_owned());
+        }
+        if self.timeline {
+            args.push("--timeline".to_owned());
         }
         args
     }
@@ -421,6 +529,51 @@ mod tests {
                 .contains("--until-file /tmp/stop --max-seconds 30")
         );
         assert_eq!(until.effective_wall_timeout(), Duration::from_secs(60));
+        let timed = ProbeArgs::count("10.96.0.10:80".parse()?, 5)
+            .connect_only()
+            .connect_timing()
+            .timeline();
+        assert!(timed.to_args().join(" ").ends_with(
+            "--connect-only --concurrency 1 --timeout-ms 2000 --connect-timing --timeline"
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn summarises_connect_times() {
+        assert_eq!(ConnectTiming::from_samples(&mut []), None);
+        let mut samples: Vec<u64> = (1..=1000).rev().collect();
+        let t = ConnectTiming::from_samples(&mut samples).expect("samples");
+        assert_eq!((t.samples, t.min, t.max), (1000, 1, 1000));
+        assert_eq!((t.p50, t.p90, t.p99), (500, 900, 990));
+        assert_eq!(t.mean, 500);
+        let one = ConnectTiming::from_samples(&mut [7]).expect("one");
+        assert_eq!((one.p50, one.p99), (7, 7));
+    }
+
+    #[test]
+    fn timelines_merge_to_the_outer_span() -> Result<()> {
+        let mut a = ProbeReport::default();
+        a.record_timeline("v1", 30);
+        a.record_timeline("v1", 10);
+        let mut b = ProbeReport::default();
+        b.record_timeline("v1", 50);
+        b.record_timeline("v2", 40);
+        a.merge(b);
+        let t = a.timeline.as_ref().expect("timeline");
+        assert_eq!(
+            t["v1"],
+            VersionSpan {
+                first_unix_ns: 10,
+                last_unix_ns: 50
+            }
+        );
+        assert_eq!(t["v2"].first_unix_ns, 40);
+        // Old reports without the new fields still parse.
+        let old = ProbeReport::from_json(
+            r#"{"attempted":1,"ok":1,"failed":0,"errors":{},"peer_is_target":1,"peer_mismatch":0,"by_version":{},"by_pod":{}}"#,
+        )?;
+        assert_eq!((old.connect_ns, old.timeline), (None, None));
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 //!   tests on real kernel objects.
 //! - `bench`: canary beside its peers, as ratios.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -43,6 +44,8 @@ enum Cmd {
         /// Only run end-to-end tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmark canary beside direct connections and kube-proxy iptables.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -68,6 +71,10 @@ fn main() -> Result<()> {
             setup::build_tools()?;
             setup::test_tools()?;
             test(filter)
+        }
+        Cmd::Bench(args) => {
+            setup::build_tools()?;
+            bench::run(args)
         }
     }
 }

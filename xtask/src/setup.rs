@@ -13,9 +13,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: the LLVM that bpf-linker links against, and the tools
 /// the tests and the demo drive (iproute2 for namespaces, curl and wrk as
-/// real clients).
+/// real clients, prometheus for its server and promtool).
 const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libzstd-dev", "zlib1g-dev"];
-const TEST_PACKAGES: &[&str] = &["iproute2", "curl", "wrk"];
+const TEST_PACKAGES: &[&str] = &["iproute2", "curl", "wrk", "prometheus"];
 
 pub fn say(msg: impl AsRef<str>) {
     eprintln!("xtask: {}", msg.as_ref());

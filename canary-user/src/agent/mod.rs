@@ -2,7 +2,9 @@
 //! then serve the admin socket and watch the files until told to stop.
 //! Stopping (even SIGKILL) leaves the pinned data path running.
 
+mod netns;
 mod overrides;
+mod shim_host;
 mod state;
 mod watch;
 
@@ -17,9 +19,6 @@ use crate::admin::server::{self, SocketGuard};
 use crate::dataplane::{Dataplane, DataplaneOptions, KernelLogLevel};
 pub use state::Agent;
 
-/// Seconds between rescans of /run/netns for client identities.
-const IDENTITY_RESCAN_TICKS: u64 = 5;
-
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub config: PathBuf,
@@ -28,6 +27,9 @@ pub struct AgentOptions {
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
     pub kernel_log_level: KernelLogLevel,
+    /// Port of the shim's listeners on each client namespace's loopback.
+    pub shim_port: u16,
+    pub shim: crate::shim::ShimOptions,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
@@ -44,11 +46,21 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         tokio::spawn(forward_kernel_logs(logger));
     }
     let overrides = overrides::Overrides::load(&opts.state_dir)?;
-    let agent = Arc::new(Agent::new(opts.clone(), dataplane, overrides));
+    let orig = crate::dataplane::orig_dst::OrigDst::open(&opts.pin_path)?;
+    let own_cookie = crate::dataplane::identities::own_cookie()
+        .context("reading our network namespace cookie")?;
+    let observer: Arc<dyn crate::observe::RequestObserver> = Arc::new(crate::observe::NoopObserver);
+    let shim_options = opts.shim.clone();
+    let shim = shim_host::ShimHost::new(opts.shim_port, orig, own_cookie, move |connector| {
+        crate::shim::Shim::new(shim_options, connector, observer)
+    })?;
+    let agent = Arc::new(Agent::new(opts.clone(), dataplane, overrides, shim));
 
     // A bad config at start is reported but not fatal: whatever a previous
     // agent left in the kernel keeps serving until the files are fixed.
-    agent.refresh_client_identities();
+    // Listeners first, so a service the config sends to the shim is
+    // served from its first connection.
+    agent.refresh_namespaces().await;
     let _ = agent.reload();
     let mut seen = watch::fingerprint(&opts.config);
 
@@ -61,22 +73,18 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                ticks += 1;
-                // Pods come and go: rescan their namespaces every few seconds.
-                if ticks.is_multiple_of(IDENTITY_RESCAN_TICKS) {
-                    let agent = agent.clone();
-                    let _ = tokio::task::spawn_blocking(move || agent.refresh_client_identities()).await;
-                }
+                // Pods come and go: their namespaces are rescanned when the
+                // listing changes.
+                agent.refresh_namespaces().await;
                 let now = watch::fingerprint(&opts.config);
                 if now != seen {
                     seen = now;
                     tracing::info!(config = %opts.config.display(), "config files changed; reloading");
-                    let agent = agent.clone();
-                    let _ = tokio::task::spawn_blocking(move || agent.reload()).await;
+                    let reloader = agent.clone();
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
                 }
             }
             _ = tokio::signal::ctrl_c() => break,

@@ -3,27 +3,34 @@
 //! either lands in the kernel completely or leaves it as it was.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
 use canary_common::{CounterKey, Counters};
 
 use super::AgentOptions;
 use super::overrides::{Override, Overrides, file_weights};
+use super::shim_host::ShimHost;
 use crate::admin::protocol::*;
 use crate::admin::server::Handler;
 use crate::compile::{DataPath, EndpointPick, RoutingTable, apply_weights, compile};
-use crate::config::load_path;
+use crate::config::{LoadedConfig, load_path};
 use crate::dataplane::encode::{backend, service_key};
-use crate::dataplane::{Dataplane, encode};
+use crate::dataplane::{Dataplane, encode, identities};
 
 pub struct Agent {
     opts: AgentOptions,
     inner: Mutex<Inner>,
+    shim: Arc<ShimHost>,
+    netns_listing: Mutex<Option<Vec<(String, u64)>>>,
 }
 
 struct Inner {
     dataplane: Dataplane,
+    shim: Arc<ShimHost>,
+    shim_port: u16,
+    /// The last config that passed validation.
+    cfg: Option<Arc<LoadedConfig>>,
     /// Compiled from the last config that passed validation.
     file_table: Option<RoutingTable>,
     overrides: Overrides,
@@ -36,11 +43,18 @@ struct Inner {
 }
 
 impl Agent {
-    pub fn new(opts: AgentOptions, dataplane: Dataplane, overrides: Overrides) -> Self {
+    pub fn new(
+        opts: AgentOptions,
+        dataplane: Dataplane,
+        overrides: Overrides,
+        shim: Arc<ShimHost>,
+    ) -> Self {
         Self {
-            opts,
             inner: Mutex::new(Inner {
                 dataplane,
+                shim: shim.clone(),
+                shim_port: opts.shim_port,
+                cfg: None,
                 file_table: None,
                 overrides,
                 live: RoutingTable::default(),
@@ -49,6 +63,9 @@ impl Agent {
                 rejected: 0,
                 last_error: None,
             }),
+            opts,
+            shim,
+            netns_listing: Mutex::new(None),
         }
     }
 
@@ -74,7 +91,11 @@ impl Agent {
                 for d in dropped {
                     tracing::warn!("dropping live override: {d}");
                 }
-                inner.push(table)?;
+                let previous = inner.cfg.replace(Arc::new(cfg));
+                if let Err(e) = inner.push(table) {
+                    inner.cfg = previous;
+                    return Err(e);
+                }
                 inner.file_table = Some(file_table);
                 Ok(())
             });
@@ -97,17 +118,37 @@ impl Agent {
         result
     }
 
-    /// Refreshes the network namespace → client address map the kernel
-    /// uses to hash unbound sockets like their pod's IP.
-    pub fn refresh_client_identities(&self) {
-        let ids = crate::dataplane::identities::scan(std::path::Path::new(
-            crate::dataplane::identities::NETNS_DIR,
-        ));
-        match self.lock().dataplane.sync_client_identities(&ids) {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(changed = n, known = ids.len(), "client identities updated"),
-            Err(e) => tracing::warn!("cannot update client identities: {e:#}"),
+    /// Rescans the node's network namespaces: the kernel's namespace →
+    /// client address map (so unbound sockets hash like their pod's IP),
+    /// and the shim's listeners (one per client namespace, kept open so a
+    /// service can move to the shim without a gap).
+    pub async fn refresh_namespaces(self: &Arc<Self>) {
+        let dir = std::path::Path::new(identities::NETNS_DIR);
+        // Cheap check first: only rescan when namespaces came or went.
+        let listing = identities::listing(dir);
+        {
+            let mut last = self.netns_listing.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_ref() == Some(&listing) {
+                return;
+            }
+            *last = Some(listing);
         }
+        let namespaces = tokio::task::spawn_blocking(move || identities::scan(dir))
+            .await
+            .unwrap_or_default();
+        let ids = identities::identities(&namespaces);
+        {
+            let mut inner = self.lock();
+            match inner.dataplane.sync_client_identities(&ids) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(changed = n, known = ids.len(), "client identities updated")
+                }
+                Err(e) => tracing::warn!("cannot update client identities: {e:#}"),
+            }
+        }
+        self.shim.set_clients(&ids);
+        self.shim.sync(Some(namespaces)).await;
     }
 
     fn set_weights(
@@ -174,9 +215,15 @@ impl Agent {
 
 impl Inner {
     fn push(&mut self, table: RoutingTable) -> Result<()> {
-        let routes = encode(&table);
+        let routes = encode(&table, Some(self.shim_port));
         let stats = self.dataplane.apply(&routes)?;
         tracing::debug!(?stats, "kernel maps updated");
+        if let Some(cfg) = &self.cfg {
+            for w in self.shim.shim.update(cfg, &table) {
+                tracing::warn!("shim: {w}");
+            }
+            self.shim.set_pods(cfg);
+        }
         self.live = table;
         self.generation += 1;
         Ok(())

@@ -59,6 +59,7 @@ pub fn compile_with_warnings(cfg: &LoadedConfig) -> (RoutingTable, Vec<ConfigWar
             virtual_service: vs.map(|v| v.meta.key()),
             destination_rule: cfg.destination_rule(&svc.host).map(|d| d.meta.key()),
             ports,
+            http_routes: vs.map(|v| route::http_routes(cfg, v)).unwrap_or_default(),
         });
     }
     services.sort_by(|a, b| a.host.cmp(&b.host));

@@ -28,6 +28,12 @@ pub struct CompiledService {
     pub virtual_service: Option<String>,
     pub destination_rule: Option<String>,
     pub ports: Vec<CompiledPort>,
+    /// Every http rule that forwards (`route`), in VirtualService order,
+    /// with the weights in force: the L7 shim splits by these, and
+    /// `canary weights --route NAME` addresses them by name. Endpoints are
+    /// not resolved here (the shim resolves them per port).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<KernelRoute>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

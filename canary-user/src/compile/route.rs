@@ -166,22 +166,7 @@ pub(crate) fn kernel_route(
             )
         }
     };
-    // A single destination takes all the traffic, whatever its weight says.
-    if let [only] = targets.as_mut_slice() {
-        only.weight = 100;
-    }
-    // A fixed order, so that changing weights never reorders the bands.
-    targets.sort_by_key(|t| {
-        let rank = t
-            .subset
-            .map(|s| {
-                cfg.destination_rule(t.host)
-                    .and_then(|dr| dr.subset_index(s))
-                    .map_or(usize::MAX, |i| i + 1)
-            })
-            .unwrap_or(0);
-        (t.host, rank, t.subset)
-    });
+    fix_order(cfg, &mut targets);
 
     let mut destinations = Vec::with_capacity(targets.len());
     for t in &targets {
@@ -266,4 +251,67 @@ fn compile_destination(
         },
         endpoints,
     }
+}
+
+/// A single destination takes all the traffic, whatever its weight says;
+/// then a fixed order (host, DestinationRule subset order), so that
+/// changing weights never reorders the bands.
+fn fix_order(cfg: &LoadedConfig, targets: &mut [Target<'_>]) {
+    if let [only] = targets {
+        only.weight = 100;
+    }
+    targets.sort_by_key(|t| {
+        let rank = t
+            .subset
+            .map(|s| {
+                cfg.destination_rule(t.host)
+                    .and_then(|dr| dr.subset_index(s))
+                    .map_or(usize::MAX, |i| i + 1)
+            })
+            .unwrap_or(0);
+        (t.host, rank, t.subset)
+    });
+}
+
+/// The weighted split of every http rule of `vs` that forwards, in rule
+/// order (`origin` `"virtualservice http[i]"`), destinations in the same
+/// fixed order as the kernel's; no endpoints.
+pub(crate) fn http_routes(cfg: &LoadedConfig, vs: &VirtualService) -> Vec<KernelRoute> {
+    vs.spec
+        .http
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.route.is_empty())
+        .map(|(i, r)| {
+            let mut targets: Vec<Target<'_>> = r
+                .route
+                .iter()
+                .enumerate()
+                .filter_map(|(k, d)| {
+                    Target::from_destination(
+                        format!("spec.http[{i}].route[{k}]"),
+                        d.destination.as_ref(),
+                        d.weight,
+                    )
+                })
+                .collect();
+            fix_order(cfg, &mut targets);
+            KernelRoute {
+                name: r.name.clone(),
+                origin: format!("virtualservice http[{i}]"),
+                sticky: None,
+                destinations: targets
+                    .iter()
+                    .map(|t| CompiledDestination {
+                        host: t.host.to_string(),
+                        subset: t.subset.map(str::to_string),
+                        weight: t.weight,
+                        file_weight: t.weight,
+                        pick: EndpointPick::Random,
+                        endpoints: Vec::new(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
 }

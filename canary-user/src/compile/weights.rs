@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::model::{CompiledDestination, KernelRoute, RoutingTable};
+use super::model::{CompiledDestination, CompiledService, KernelRoute, RoutingTable};
 use crate::config::host::short_name;
 
 const WEIGHT_VALID: &str = "an integer >= 0; weights are normalised by their sum";
@@ -89,6 +89,9 @@ pub fn apply_weights(
         return Err(WeightsError::WeightTooLarge { total });
     }
 
+    // The kernel route of every port (or of the ports whose route has that
+    // name), and the shim's http rules: those with that name, or (no name
+    // given) those that are some port's kernel route, so both stay in step.
     let selected: Vec<usize> = svc
         .ports
         .iter()
@@ -96,13 +99,26 @@ pub fn apply_weights(
         .filter(|(_, p)| route.is_none_or(|r| p.route.name.as_deref() == Some(r)))
         .map(|(i, _)| i)
         .collect();
+    let selected_http: Vec<usize> = svc
+        .http_routes
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| match route {
+            Some(r) => h.name.as_deref() == Some(r),
+            None => svc.ports.iter().any(|p| p.route.origin == h.origin),
+        })
+        .map(|(i, _)| i)
+        .collect();
     if let Some(r) = route
         && selected.is_empty()
+        && selected_http.is_empty()
     {
         let named: BTreeSet<&str> = svc
             .ports
             .iter()
-            .filter_map(|p| p.route.name.as_deref())
+            .map(|p| &p.route)
+            .chain(&svc.http_routes)
+            .filter_map(|r| r.name.as_deref())
             .collect();
         return Err(WeightsError::UnknownRoute {
             host: svc.host.clone(),
@@ -119,44 +135,20 @@ pub fn apply_weights(
     let mut plans: Vec<(usize, Vec<u32>)> = Vec::new();
     for &i in &selected {
         let port = &svc.ports[i];
-        let r = &port.route;
-        let describe = || match &r.name {
-            Some(n) => format!("port {} route {n:?} ({})", port.port, r.origin),
-            None => format!("port {} route ({})", port.port, r.origin),
+        let describe = || match &port.route.name {
+            Some(n) => format!("port {} route {n:?} ({})", port.port, port.route.origin),
+            None => format!("port {} route ({})", port.port, port.route.origin),
         };
-        let mut new = vec![0u32; r.destinations.len()];
-        for (name, weight) in weights {
-            let hits: Vec<usize> = r
-                .destinations
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| is_named(d, name))
-                .map(|(k, _)| k)
-                .collect();
-            match hits.as_slice() {
-                [k] => new[*k] = u32::try_from(*weight).unwrap_or(u32::MAX),
-                [] => {
-                    return Err(WeightsError::UnknownSubset {
-                        host: svc.host.clone(),
-                        route: describe(),
-                        name: name.clone(),
-                        valid: names(r),
-                    });
-                }
-                _ => {
-                    return Err(WeightsError::AmbiguousSubset {
-                        host: svc.host.clone(),
-                        route: describe(),
-                        name: name.clone(),
-                        valid: qualified_names(r),
-                    });
-                }
-            }
-        }
-        if new.iter().all(|w| *w == 0) {
-            return Err(WeightsError::AllZero);
-        }
-        plans.push((i, new));
+        plans.push((i, plan(svc, &port.route, weights, describe)?));
+    }
+    let mut http_plans: Vec<(usize, Vec<u32>)> = Vec::new();
+    for &i in &selected_http {
+        let r = &svc.http_routes[i];
+        let describe = || match &r.name {
+            Some(n) => format!("route {n:?} ({})", r.origin),
+            None => format!("route ({})", r.origin),
+        };
+        http_plans.push((i, plan(svc, r, weights, describe)?));
     }
 
     let mut out = table.clone();
@@ -166,8 +158,55 @@ pub fn apply_weights(
                 d.weight = w;
             }
         }
+        for (i, new) in http_plans {
+            for (d, w) in target.http_routes[i].destinations.iter_mut().zip(new) {
+                d.weight = w;
+            }
+        }
     }
     Ok(out)
+}
+
+/// The new weights of `r`'s destinations, in its order.
+fn plan(
+    svc: &CompiledService,
+    r: &KernelRoute,
+    weights: &[(String, i64)],
+    describe: impl Fn() -> String,
+) -> Result<Vec<u32>, WeightsError> {
+    let mut new = vec![0u32; r.destinations.len()];
+    for (name, weight) in weights {
+        let hits: Vec<usize> = r
+            .destinations
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| is_named(d, name))
+            .map(|(k, _)| k)
+            .collect();
+        match hits.as_slice() {
+            [k] => new[*k] = u32::try_from(*weight).unwrap_or(u32::MAX),
+            [] => {
+                return Err(WeightsError::UnknownSubset {
+                    host: svc.host.clone(),
+                    route: describe(),
+                    name: name.clone(),
+                    valid: names(r),
+                });
+            }
+            _ => {
+                return Err(WeightsError::AmbiguousSubset {
+                    host: svc.host.clone(),
+                    route: describe(),
+                    name: name.clone(),
+                    valid: qualified_names(r),
+                });
+            }
+        }
+    }
+    if new.iter().all(|w| *w == 0) {
+        return Err(WeightsError::AllZero);
+    }
+    Ok(new)
 }
 
 /// How the CLI names a destination: its subset, or its service name.

@@ -15,6 +15,20 @@ pub struct ObjectMetaSpec {
     pub labels: BTreeMap<String, String>,
     /// Set while a pod terminates; such a pod is no longer an endpoint.
     pub deletion_timestamp: Option<String>,
+    /// Istio ignores annotations it does not know, so canary extensions
+    /// live here (see `config::annotation`).
+    pub annotations: BTreeMap<String, String>,
+    /// A pod's ReplicaSet (or Job, ...): names the workload in metrics.
+    pub owner_references: Vec<OwnerReferenceSpec>,
+}
+
+/// One entry of `metadata.ownerReferences`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OwnerReferenceSpec {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub controller: Option<bool>,
 }
 
 /// An int-or-string field (`targetPort`).

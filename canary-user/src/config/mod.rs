@@ -6,6 +6,7 @@
 //! validated config (with warnings) or every error found. Nothing here
 //! touches the node; a rejected config leaves the last good one in force.
 
+pub mod annotation;
 pub mod duration;
 mod error;
 pub mod host;
@@ -18,8 +19,8 @@ mod validate;
 pub use error::{ConfigError, ConfigErrors, ConfigWarning};
 pub use load::{load_documents, load_path, load_str};
 pub use model::{
-    ContainerPort, DestinationRule, LoadedConfig, ObjectKind, ObjectMeta, Pod, Protocol, Service,
-    ServicePort, TargetPort, VirtualService,
+    ContainerPort, DestinationRule, LoadedConfig, ObjectKind, ObjectMeta, OwnerReference, Pod,
+    Protocol, Service, ServicePort, TargetPort, VirtualService,
 };
 
 #[cfg(test)]

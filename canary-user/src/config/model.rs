@@ -185,6 +185,18 @@ pub struct Pod {
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
     pub ports: Vec<ContainerPort>,
+    /// `metadata.ownerReferences`, in YAML order.
+    pub owners: Vec<OwnerReference>,
+}
+
+/// Who created a pod: Istio derives the workload name from the
+/// controlling owner (a ReplicaSet named after its Deployment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+    /// The owner that manages the pod (`controller: true`).
+    pub controller: bool,
 }
 
 impl Pod {
@@ -269,6 +281,9 @@ pub struct VirtualService {
     pub hosts: Vec<String>,
     /// With every destination host resolved.
     pub spec: VirtualServiceSpec,
+    /// canary extension: per-destination timeout and retries, from the
+    /// `canary.io/destination-policy` annotation (hosts resolved).
+    pub destination_policies: Vec<crate::config::annotation::DestinationPolicy>,
 }
 
 // === The loaded config ===

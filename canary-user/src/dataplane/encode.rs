@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use canary_common::*;
 
-use crate::compile::{EndpointPick, RoutingTable, StickyKey, bands};
+use crate::compile::{DataPath, EndpointPick, RoutingTable, StickyKey, bands};
 
 use super::maglev;
 
@@ -18,6 +18,9 @@ pub struct EncodedRoute {
     pub host: String,
     pub vip: SocketAddr,
     pub flags: u32,
+    /// Set for services the L7 shim serves: the kernel redirects their
+    /// connections to this port on the client's loopback.
+    pub shim_port: Option<u16>,
     pub subsets: Vec<EncodedSubset>,
 }
 
@@ -35,8 +38,9 @@ impl EncodedRoute {
     }
 }
 
-/// Every (VIP, port) of every service, in table order.
-pub fn encode(table: &RoutingTable) -> Vec<EncodedRoute> {
+/// Every (VIP, port) of every service, in table order. Services whose
+/// path is the shim are redirected to `shim_port` when one is given.
+pub fn encode(table: &RoutingTable, shim_port: Option<u16>) -> Vec<EncodedRoute> {
     let mut out = Vec::new();
     for service in &table.services {
         for vip in &service.vips {
@@ -79,6 +83,10 @@ pub fn encode(table: &RoutingTable) -> Vec<EncodedRoute> {
                     host: service.host.clone(),
                     vip: SocketAddr::new(*vip, port.port),
                     flags,
+                    shim_port: match service.path {
+                        DataPath::Shim { .. } => shim_port,
+                        DataPath::Kernel => None,
+                    },
                     subsets,
                 });
             }
@@ -175,6 +183,7 @@ mod tests {
                 path: DataPath::Kernel,
                 virtual_service: None,
                 destination_rule: None,
+                http_routes: Vec::new(),
                 ports: vec![CompiledPort {
                     port: 8080,
                     name: None,
@@ -202,7 +211,7 @@ mod tests {
 
     #[test]
     fn one_route_per_vip_with_family_filtered_endpoints() {
-        let routes = encode(&table(false));
+        let routes = encode(&table(false), None);
         assert_eq!(routes.len(), 2);
         let v4 = &routes[0];
         assert_eq!(v4.vip, "10.96.0.10:8080".parse().unwrap());
@@ -222,7 +231,7 @@ mod tests {
 
     #[test]
     fn sticky_routes_hash_the_subset_and_carry_maglev() {
-        let routes = encode(&table(true));
+        let routes = encode(&table(true), None);
         assert_eq!(routes[0].flags, TABLE_HASH_SUBSET);
         let m = routes[0].subsets[0].maglev.as_ref().unwrap();
         assert_eq!(m.len(), MAGLEV_SIZE as usize);

@@ -17,9 +17,19 @@ use std::path::Path;
 /// Named network namespaces live here (iproute2, containerd's CNI).
 pub const NETNS_DIR: &str = "/run/netns";
 
-/// Network namespace cookie → the namespace's client address.
-pub fn scan(dir: &Path) -> BTreeMap<u64, IpAddr> {
-    let mut out = BTreeMap::new();
+/// A named network namespace on the node.
+#[derive(Debug)]
+pub struct Namespace {
+    pub cookie: u64,
+    /// Its first global address (IPv4 preferred): the pod's IP.
+    pub addr: Option<IpAddr>,
+    /// Keeps the namespace reachable for the shim (listeners, connects).
+    pub file: File,
+}
+
+/// Every namespace under `dir`.
+pub fn scan(dir: &Path) -> Vec<Namespace> {
+    let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
     };
@@ -28,24 +38,63 @@ pub fn scan(dir: &Path) -> BTreeMap<u64, IpAddr> {
             continue;
         };
         // setns affects only the calling thread: do it on a throwaway one.
-        let found = std::thread::spawn(move || inspect(&file))
+        let found = std::thread::spawn(move || inspect(&file).map(|(c, a)| (c, a, file)))
             .join()
             .ok()
             .flatten();
-        if let Some((cookie, addr)) = found {
-            out.insert(cookie, addr);
+        if let Some((cookie, addr, file)) = found {
+            out.push(Namespace { cookie, addr, file });
         }
     }
     out
 }
 
+/// Names and inodes under `dir`: changes when a namespace comes or goes.
+pub fn listing(dir: &Path) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    Some((
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().ok()?.ino(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Cookie → address, for the kernel's `CLIENT_IDS`.
+pub fn identities(namespaces: &[Namespace]) -> BTreeMap<u64, IpAddr> {
+    namespaces
+        .iter()
+        .filter_map(|n| Some((n.cookie, n.addr?)))
+        .collect()
+}
+
+/// The cookie of the calling thread's network namespace.
+pub fn own_cookie() -> Option<u64> {
+    netns_cookie()
+}
+
 /// Joins the namespace behind `ns` and reads its cookie and address.
-fn inspect(ns: &File) -> Option<(u64, IpAddr)> {
-    // SAFETY: plain syscalls on valid fds; the thread is discarded after.
+fn inspect(ns: &File) -> Option<(u64, Option<IpAddr>)> {
+    // SAFETY: setns on a valid fd; the thread is discarded after.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return None;
+    }
+    Some((netns_cookie()?, first_address()))
+}
+
+/// SO_NETNS_COOKIE of a throwaway socket in the current namespace.
+fn netns_cookie() -> Option<u64> {
+    // SAFETY: plain socket calls; the socket is closed before returning.
     unsafe {
-        if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-            return None;
-        }
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
         if sock < 0 {
             return None;
@@ -60,10 +109,7 @@ fn inspect(ns: &File) -> Option<(u64, IpAddr)> {
             &mut len,
         ) == 0;
         libc::close(sock);
-        if !ok {
-            return None;
-        }
-        Some((cookie, first_address()?))
+        ok.then_some(cookie)
     }
 }
 

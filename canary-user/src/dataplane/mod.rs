@@ -9,6 +9,7 @@
 pub mod encode;
 pub mod identities;
 pub mod maglev;
+pub mod orig_dst;
 mod programs;
 pub mod slots;
 mod sys;
@@ -33,7 +34,7 @@ pub struct DataplaneOptions {
 
 /// Map names, as pinned. Kept in one list so cleanup and compatibility
 /// checks cannot miss one.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     "SERVICES",
     "TABLES",
     "BACKENDS",
@@ -41,6 +42,7 @@ pub const MAP_NAMES: [&str; 7] = [
     "FLOWS",
     "COUNTERS",
     "CLIENT_IDS",
+    "ORIG_DST",
 ];
 
 /// Makes sure `pin_path` can hold pins: bpffs is mounted at its parent

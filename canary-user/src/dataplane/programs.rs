@@ -66,6 +66,7 @@ fn expected_layout(name: &str) -> (usize, usize) {
         "FLOWS" => (8, size_of::<Flow>()),
         "COUNTERS" => (size_of::<CounterKey>(), size_of::<Counters>()),
         "CLIENT_IDS" => (8, size_of::<ClientIdentity>()),
+        "ORIG_DST" => (size_of::<OrigKey>(), size_of::<ServiceKey>()),
         _ => (0, 0),
     }
 }

@@ -159,14 +159,7 @@ impl Dataplane {
         }
         for (key, inst) in staged {
             self.services
-                .insert(
-                    key,
-                    ServiceEntry {
-                        table: inst.table,
-                        flags: 0,
-                    },
-                    0,
-                )
+                .insert(key, service_entry(inst.table, inst.route.as_ref()), 0)
                 .with_context(|| format!("flipping SERVICES entry of {}", describe(&key)))?;
             if let Some(old) = self.installed.insert(key, inst) {
                 self.release(&old, Some(now));
@@ -329,6 +322,21 @@ impl Dataplane {
             out.push((key, sum));
         }
         Ok(out)
+    }
+}
+
+fn service_entry(table: u32, route: Option<&EncodedRoute>) -> ServiceEntry {
+    match route.and_then(|r| r.shim_port) {
+        Some(port) => ServiceEntry {
+            table,
+            flags: SERVICE_SHIM,
+            shim_port: port.to_be(),
+        },
+        None => ServiceEntry {
+            table,
+            flags: 0,
+            shim_port: 0,
+        },
     }
 }
 

@@ -25,7 +25,7 @@ use canary_tests::http::{Head, HttpReader};
 use canary_tests::net::{listen_tcp, set_accept_timeout};
 
 const USAGE: &str = "usage: canary-backend --listen ADDR:PORT [--listen ...] --version V --pod P \
-[--delay-ms N] [--fail-first N] [--fail-status CODE] [--verbose]";
+[--delay-ms N] [--fail-first N] [--fail-every N] [--fail-status CODE] [--log PATH] [--verbose]";
 
 /// Deep enough for hundreds of simultaneous connects.
 const BACKLOG: i32 = 4096;
@@ -46,6 +46,10 @@ struct Config {
     pod: String,
     delay: Duration,
     fail_first: u64,
+    /// Every Nth request (n % N == N-1) answers `fail_status` too; 0 = never.
+    fail_every: u64,
+    /// Append one JSON line per request here (method, path, host, headers).
+    log: Option<std::sync::Mutex<std::fs::File>>,
     fail_status: u16,
     verbose: bool,
 }
@@ -215,7 +219,9 @@ fn serve(server: &Server, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
 
         let keep_alive = wants_keep_alive(&head, version);
         let n = server.requests.fetch_add(1, Ordering::Relaxed);
-        let status = if n < config.fail_first {
+        log_request(config, method, target, &head);
+        let failing_every = config.fail_every > 0 && n % config.fail_every == config.fail_every - 1;
+        let status = if n < config.fail_first || failing_every {
             config.fail_status
         } else {
             200
@@ -235,6 +241,27 @@ fn serve(server: &Server, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         if !keep_alive {
             return Ok(());
         }
+    }
+}
+
+/// Records a request as it arrives (before any delay), so a test sees
+/// requests the backend never answered too.
+fn log_request(config: &Config, method: &str, target: &str, head: &Head) {
+    let Some(log) = &config.log else { return };
+    let headers: serde_json::Map<String, serde_json::Value> = head
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::from(v.as_str())))
+        .collect();
+    let line = serde_json::json!({
+        "method": method,
+        "path": target,
+        "host": head.header("host"),
+        "pod": config.pod,
+        "headers": headers,
+    });
+    if let Ok(mut f) = log.lock() {
+        let _ = writeln!(f, "{line}");
     }
 }
 
@@ -296,6 +323,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config> {
         pod: String::new(),
         delay: Duration::ZERO,
         fail_first: 0,
+        fail_every: 0,
+        log: None,
         fail_status: 503,
         verbose: false,
     };
@@ -314,6 +343,16 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config> {
             "--pod" => config.pod = value()?,
             "--delay-ms" => config.delay = Duration::from_millis(number(&flag, &value()?)?),
             "--fail-first" => config.fail_first = number(&flag, &value()?)?,
+            "--fail-every" => config.fail_every = number(&flag, &value()?)?,
+            "--log" => {
+                let path = value()?;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("--log {path}"))?;
+                config.log = Some(std::sync::Mutex::new(file));
+            }
             "--fail-status" => {
                 let status = number(&flag, &value()?)?;
                 config.fail_status = u16::try_from(status)

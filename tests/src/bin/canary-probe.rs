@@ -5,6 +5,7 @@
 //! canary-probe --target 10.96.0.10:8080 (--count N | --until-file PATH [--max-seconds 60])
 //!              [--bind 10.77.1.5 --bind 10.77.1.6 ...] [--http | --connect-only]
 //!              [--concurrency 1] [--timeout-ms 2000] [--host HOST]
+//!              [--connect-timing] [--timeline]
 //! ```
 //!
 //! Each connection: bind to the next `--bind` source (round-robin, port 0),
@@ -14,23 +15,34 @@
 //! and closes with an RST. Prints one JSON object (see
 //! `canary_tests::probe::ProbeReport`) on stdout at the end, also when
 //! stopped by SIGTERM or SIGINT.
+//!
+//! `--connect-timing` times the `connect()` system call of every
+//! connection (only that call: not `socket()`, `bind()` or the exchange)
+//! and reports its distribution in `connect_ns`. `--timeline` reports, per
+//! answering version, the wall-clock start of its first and last
+//! connections in `timeline` (to see when a weight change took effect).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use canary_tests::http::{Framing, HttpReader};
-use canary_tests::net::{connect_tcp, error_kind, set_linger_zero};
+use canary_tests::net::{connect_tcp, error_kind, set_linger_zero, sockaddr};
 use canary_tests::probe::{
-    Attempt, DEFAULT_CONNECT_TIMEOUT, Identity, MAX_CONNECTIONS, ProbeReport, ProbeStop,
+    Attempt, ConnectTiming, DEFAULT_CONNECT_TIMEOUT, Identity, MAX_CONNECTIONS, ProbeReport,
+    ProbeStop,
 };
 
 const USAGE: &str = "usage: canary-probe --target ADDR:PORT (--count N | --until-file PATH \
 [--max-seconds S]) [--bind IP ...] [--http | --connect-only] [--concurrency N] \
-[--timeout-ms MS] [--host HOST]";
+[--timeout-ms MS] [--host HOST] [--connect-timing] [--timeline]";
+
+/// `--connect-timing` keeps at most this many samples per worker.
+const MAX_TIMING_SAMPLES: usize = 1_000_000;
 
 /// Largest response body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -49,6 +61,8 @@ struct Config {
     concurrency: u32,
     timeout: Duration,
     request: Vec<u8>,
+    connect_timing: bool,
+    timeline: bool,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +90,7 @@ fn main() -> ExitCode {
 fn run(config: &Config) -> ProbeReport {
     let start = Instant::now();
     let next = AtomicU64::new(0);
+    let mut samples: Vec<u64> = Vec::new();
     let mut report = std::thread::scope(|scope| {
         let mut total = ProbeReport::default();
         let mut workers = Vec::new();
@@ -95,18 +110,27 @@ fn run(config: &Config) -> ProbeReport {
         }
         for worker in workers {
             match worker.join() {
-                Ok(part) => total.merge(part),
+                Ok((part, part_samples)) => {
+                    total.merge(part);
+                    samples.extend(part_samples);
+                }
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         }
         total
     });
     report.elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if config.connect_timing {
+        report.connect_ns = Some(ConnectTiming::from_samples(&mut samples).unwrap_or_default());
+    }
     report
 }
 
-fn worker(config: &Config, next: &AtomicU64, start: Instant) -> ProbeReport {
+/// One worker's connections: its report and, with `--connect-timing`, the
+/// `connect()` durations in nanoseconds.
+fn worker(config: &Config, next: &AtomicU64, start: Instant) -> (ProbeReport, Vec<u64>) {
     let mut report = ProbeReport::default();
+    let mut samples = Vec::new();
     while !STOP.load(Ordering::Relaxed) {
         let i = next.fetch_add(1, Ordering::Relaxed);
         match &config.stop {
@@ -126,40 +150,119 @@ fn worker(config: &Config, next: &AtomicU64, start: Instant) -> ProbeReport {
             0 => None,
             n => Some(config.binds[(i % n as u64) as usize]),
         };
-        report.record(&probe_once(config, source));
+        let started = config.timeline.then(unix_ns);
+        let (attempt, connect_ns) = probe_once(config, source);
+        if let (Some(ns), true) = (connect_ns, samples.len() < MAX_TIMING_SAMPLES) {
+            samples.push(ns);
+        }
+        if let (Some(started), Ok(Some(id))) = (started, &attempt.result) {
+            report.record_timeline(&id.version, started);
+        }
+        report.record(&attempt);
     }
-    report
+    (report, samples)
 }
 
-fn probe_once(config: &Config, source: Option<IpAddr>) -> Attempt {
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// One connection, and how long its `connect()` took (with
+/// `--connect-timing`, when it connected).
+fn probe_once(config: &Config, source: Option<IpAddr>) -> (Attempt, Option<u64>) {
     let deadline = Instant::now() + config.timeout;
     let failed = |peer_is_target, e: &io::Error| Attempt {
         source,
         peer_is_target,
         result: Err(error_kind(e)),
     };
-    let stream = match connect_tcp(source, config.target, config.timeout) {
-        Ok(stream) => stream,
-        Err(e) => return failed(None, &e),
+    let connected = if config.connect_timing {
+        connect_timed(source, config.target, config.timeout).map(|(s, ns)| (s, Some(ns)))
+    } else {
+        connect_tcp(source, config.target, config.timeout).map(|s| (s, None))
+    };
+    let (stream, connect_ns) = match connected {
+        Ok(connected) => connected,
+        Err(e) => return (failed(None, &e), None),
     };
     // With canary in the path, getpeername must still show the VIP.
     let peer_is_target = match stream.peer_addr() {
         Ok(peer) => peer.ip() == config.target.ip() && peer.port() == config.target.port(),
-        Err(e) => return failed(None, &e),
+        Err(e) => return (failed(None, &e), connect_ns),
     };
     if config.connect_only {
         let _ = set_linger_zero(&stream);
-        return Attempt {
+        let attempt = Attempt {
             source,
             peer_is_target: Some(peer_is_target),
             result: Ok(None),
         };
+        return (attempt, connect_ns);
     }
-    Attempt {
+    let attempt = Attempt {
         source,
         peer_is_target: Some(peer_is_target),
         result: exchange(config, &stream, deadline).map(Some),
+    };
+    (attempt, connect_ns)
+}
+
+/// Like `canary_tests::net::connect_tcp` (blocking connect bounded by
+/// `SO_SNDTIMEO`), but returns how long the `connect()` system call itself
+/// took, in nanoseconds. That call is where canary's connect4 program and
+/// iptables' NAT of the SYN run.
+fn connect_timed(
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(TcpStream, u64)> {
+    let domain = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    stream.set_write_timeout(Some(timeout.max(Duration::from_micros(1))))?;
+    if let Some(source) = source {
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid c_int of the size passed. Best effort,
+        // as in connect_tcp.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let (storage, len) = sockaddr(&SocketAddr::new(source, 0));
+        // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+        if unsafe { libc::bind(stream.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let (storage, len) = sockaddr(&target);
+    let started = Instant::now();
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let rc = unsafe { libc::connect(stream.as_raw_fd(), (&raw const storage).cast(), len) };
+    let took = started.elapsed();
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINPROGRESS) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+        }
+        return Err(err);
+    }
+    Ok((stream, u64::try_from(took.as_nanos()).unwrap_or(u64::MAX)))
 }
 
 /// Sends the request and reads the answer; a response that is not a 2xx
@@ -240,6 +343,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config> {
     let mut concurrency = 1;
     let mut timeout = DEFAULT_CONNECT_TIMEOUT;
     let mut host = None;
+    let mut connect_timing = false;
+    let mut timeline = false;
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -271,6 +376,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config> {
             }
             "--timeout-ms" => timeout = Duration::from_millis(number(&flag, &value()?)?.max(1)),
             "--host" => host = Some(value()?),
+            "--connect-timing" => connect_timing = true,
+            "--timeline" => timeline = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -299,6 +406,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config> {
         concurrency,
         timeout,
         request,
+        connect_timing,
+        timeline,
     })
 }
 

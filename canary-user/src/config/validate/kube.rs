@@ -9,7 +9,7 @@ use crate::config::host;
 use crate::config::kube::{IntOrString, PodObject, ServiceObject, ServicePortSpec};
 use crate::config::load::Parsed;
 use crate::config::model::{
-    ContainerPort, ObjectKind, Pod, Protocol, Service, ServicePort, TargetPort,
+    ContainerPort, ObjectKind, OwnerReference, Pod, Protocol, Service, ServicePort, TargetPort,
 };
 
 const PORT_RANGE: &str = "a port number from 1 to 65535";
@@ -316,6 +316,17 @@ pub(super) fn pod(p: Parsed<PodObject>, diags: &mut Diagnostics) -> Pod {
         ready,
         terminating: p.object.metadata.deletion_timestamp.is_some(),
         ports,
+        owners: p
+            .object
+            .metadata
+            .owner_references
+            .iter()
+            .map(|o| OwnerReference {
+                kind: o.kind.clone().unwrap_or_default(),
+                name: o.name.clone().unwrap_or_default(),
+                controller: o.controller.unwrap_or(false),
+            })
+            .collect(),
     };
     if pod.phase.as_deref() == Some("Running") && pod.ready && pod.ips.is_empty() {
         diags.warn(

@@ -2,6 +2,7 @@
 //! then against the others (hosts, subsets, ports). Nothing stops at the
 //! first problem: every error goes into `Diagnostics`.
 
+mod annotation;
 mod destination_rule;
 mod http;
 mod kube;

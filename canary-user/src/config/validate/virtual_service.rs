@@ -109,12 +109,13 @@ impl Ctx<'_> {
 }
 
 fn virtual_service(
-    p: Parsed<VirtualServiceObject>,
+    mut p: Parsed<VirtualServiceObject>,
     refs: &Refs<'_>,
     diags: &mut Diagnostics,
 ) -> Option<VirtualService> {
     let meta = object_meta(ObjectKind::VirtualService, &p, &p.object.metadata);
     let at = meta.origin();
+    let annotations = std::mem::take(&mut p.object.metadata.annotations);
     let mut spec = p.object.spec;
     unknown_fields(
         diags,
@@ -217,7 +218,14 @@ fn virtual_service(
         );
     }
 
-    mesh.then_some(VirtualService { meta, hosts, spec })
+    let destination_policies =
+        super::annotation::destination_policies(&at, &annotations, &spec, &meta.namespace, diags);
+    mesh.then_some(VirtualService {
+        meta,
+        hosts,
+        spec,
+        destination_policies,
+    })
 }
 
 fn http_route(ctx: &Ctx<'_>, i: usize, r: &mut HttpRoute, diags: &mut Diagnostics) {

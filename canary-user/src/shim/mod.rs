@@ -1,0 +1,240 @@
+//! The L7 shim: the HTTP proxy the kernel redirects connections to when a
+//! service's routes need HTTP (header matches, mirroring, retries,
+//! timeouts, faults, header edits, header/cookie hashing).
+//!
+//! One `Shim` serves every such service on the node. Each accepted
+//! connection comes with its original destination (the VIP:port the client
+//! dialled, from the kernel); every request on it is matched against that
+//! service's ordered http rules and sent to an endpoint, with Istio's
+//! semantics (see `proxy`), except where the README says canary does
+//! better (sticky subsets, per-destination policy, runtime `sourceLabels`).
+//!
+//! Layout, in the order a request meets it:
+//! - `table`: the compiled routes per VIP:port, swapped whole on update;
+//! - `matcher`: Istio match blocks;
+//! - `balance`: subset and endpoint choice, hashing, outlier detection;
+//! - `policy`: retries, faults, header edits, rewrites, redirects;
+//! - `proxy`: the request path (faults, retries, timeouts, records);
+//! - `mirror`: fire-and-forget copies;
+//! - `upstream`: the connection pool; `body`: streamed and replayed bodies.
+
+mod balance;
+mod body;
+mod matcher;
+mod mirror;
+mod policy;
+mod proxy;
+mod table;
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+
+use crate::compile::RoutingTable;
+use crate::config::{ConfigWarning, LoadedConfig};
+use crate::observe::{RequestObserver, Workload};
+
+/// How the shim behaves where Istio leaves a choice (or canary extends it).
+#[derive(Clone, Debug)]
+pub struct ShimOptions {
+    /// Appended to the Host/`:authority` of mirrored requests (Envoy's
+    /// `-shadow`, the behaviour up to Istio 1.27); `None` leaves the host
+    /// as is (Istio ≥ 1.28's default).
+    pub mirror_host_suffix: Option<String>,
+    /// Mirrored requests in flight at most; beyond, copies are dropped
+    /// (and reported as `ShimEvent::MirrorDropped`).
+    pub max_mirrors_in_flight: usize,
+    /// A request body is kept for a retry or a mirror only up to this
+    /// size; a larger body is streamed once and never replayed.
+    pub max_retry_body_bytes: usize,
+    /// canary extension: with a `consistentHash`, the hash also picks the
+    /// subset, against fixed-order cumulative weight bands, so a session
+    /// stays on one version across requests and weight changes. `false`:
+    /// Istio's random subset per request (the hash only picks the pod).
+    pub sticky_subsets: bool,
+    /// Upstream connect timeout when the DestinationRule sets no
+    /// `connectionPool.tcp.connectTimeout` (Istio's default: 10 s).
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1.1 upstream connections kept per endpoint and client
+    /// namespace.
+    pub max_idle_per_endpoint: usize,
+    /// How long a mirrored request may take when its route sets no
+    /// `timeout` (it holds a slot of `max_mirrors_in_flight` meanwhile).
+    pub mirror_timeout: Duration,
+}
+
+impl Default for ShimOptions {
+    fn default() -> Self {
+        Self {
+            mirror_host_suffix: Some("-shadow".into()),
+            max_mirrors_in_flight: 256,
+            max_retry_body_bytes: 64 * 1024,
+            sticky_subsets: true,
+            connect_timeout: Duration::from_secs(10),
+            max_idle_per_endpoint: 64,
+            mirror_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Opens upstream connections for the shim.
+pub trait Connector: Send + Sync + 'static {
+    /// Opens a TCP connection to `addr` from the client's network namespace
+    /// `netns` (an opaque cookie; 0 = the agent's own).
+    fn connect(
+        &self,
+        netns: u64,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+}
+
+/// The client pod of a connection, when the agent knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePod {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the agent knows about a redirected connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// The VIP:port the client dialled.
+    pub orig_dst: SocketAddr,
+    /// The client address as the shim saw it.
+    pub peer: SocketAddr,
+    /// The client pod's IP when known (for `useSourceIp`).
+    pub client_ip: Option<IpAddr>,
+    /// The client's network namespace cookie (0: the agent's own).
+    pub netns: u64,
+    /// The client pod (for `sourceLabels` and source metrics).
+    pub source_pod: Option<SourcePod>,
+}
+
+/// Per connection, shared by its requests.
+pub(crate) struct ConnCtx {
+    pub info: ConnInfo,
+    pub source: Workload,
+}
+
+pub struct Shim {
+    options: ShimOptions,
+    connector: Arc<dyn Connector>,
+    observer: Arc<dyn RequestObserver>,
+    table: ArcSwap<table::Table>,
+    /// Endpoint health, carried from one table to the next (only touched
+    /// by `update`).
+    health: Mutex<table::HealthMap>,
+    pool: Arc<upstream::Pool>,
+    mirrors_in_flight: AtomicUsize,
+    epoch: Instant,
+    server: auto::Builder<TokioExecutor>,
+}
+
+// === impl Shim ===
+
+impl Shim {
+    pub fn new(
+        options: ShimOptions,
+        connector: Arc<dyn Connector>,
+        observer: Arc<dyn RequestObserver>,
+    ) -> Arc<Self> {
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server.http1().timer(TokioTimer::new()).keep_alive(true);
+        server.http2().timer(TokioTimer::new());
+        Arc::new(Self {
+            pool: upstream::Pool::new(options.max_idle_per_endpoint),
+            options,
+            connector,
+            observer,
+            table: ArcSwap::from_pointee(table::Table::empty()),
+            health: Mutex::default(),
+            mirrors_in_flight: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            server,
+        })
+    }
+
+    /// Compiles `cfg` with the live weights of `table` (with `canary
+    /// weights` overrides applied) and swaps the result in at once;
+    /// requests in flight finish on the routes they started with. Returns
+    /// what the shim cannot do as configured (ignored fields, bad values).
+    pub fn update(&self, cfg: &LoadedConfig, table: &RoutingTable) -> Vec<ConfigWarning> {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let (new, new_health, warnings) =
+            table::Builder::new(cfg, &self.options, &health).build(table);
+        *health = new_health;
+        self.table.store(Arc::new(new));
+        warnings
+    }
+
+    /// Whether `vip` (VIP:port) belongs to a service the shim serves.
+    pub fn serves(&self, vip: SocketAddr) -> bool {
+        self.table.load().shim_vips.contains(&vip)
+    }
+
+    /// Endpoints that outlier detection has ejected now: (service host,
+    /// subset, address). The kernel tables should skip them too.
+    pub fn ejected(&self) -> Vec<(String, Option<String>, SocketAddr)> {
+        let now = self.now_ms();
+        let table = self.table.load();
+        let mut out: Vec<(String, Option<String>, SocketAddr)> = table
+            .clusters
+            .iter()
+            .flat_map(|c| {
+                c.endpoints
+                    .iter()
+                    .filter(move |e| e.health.is_ejected(now))
+                    .map(move |e| (c.host.clone(), c.subset.clone(), e.addr))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Serves one redirected connection: HTTP/1.1 (keep-alive) or h2c
+    /// with prior knowledge, told apart by the connection preface. Every
+    /// request is routed on its own.
+    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, conn: ConnInfo) {
+        let source = conn
+            .source_pod
+            .as_ref()
+            .map(|p| table::workload(&p.name, &p.namespace, Some(&p.labels), None))
+            .unwrap_or_else(Workload::unknown);
+        let ctx = Arc::new(ConnCtx { info: conn, source });
+        let shim = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shim = shim.clone();
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(shim.handle(req, &ctx).await) }
+        });
+        if let Err(e) = self
+            .server
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
+            tracing::debug!(error = %e, "shim connection ended with an error");
+        }
+    }
+
+    /// Milliseconds since the shim started (outlier detection's clock).
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,738 @@
+//! One request, from match to response, with Istio's semantics:
+//! first-match routes (no match: 404 `NR`), redirect / direct response,
+//! fault injection (`DI`, `FI`), the weighted or hashed subset, header
+//! edits and rewrites, mirrors, then attempts with retries, per-try and
+//! route timeouts (`UT`), connect failures (`UF`), exhausted retries
+//! (`URX`) and empty subsets (503 `UH`).
+//!
+//! Where this differs from Envoy on purpose: the route `timeout` covers
+//! the time to the response headers (a body that stalls afterwards is not
+//! cut), and starts when the request headers arrive.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
+use tokio::time::Instant as TokioInstant;
+
+use super::balance::{Outcome, pick_weighted, point_of};
+use super::body::{Finish, ReqBody, RespBody, TeeBody, header_bytes};
+use super::matcher::RequestView;
+use super::policy::{Abort, UriRewrite, on};
+use super::table::{Action, Dest, Forward, Route, ServiceRoutes};
+use super::upstream::{Key, SendError};
+use super::{ConnCtx, Shim};
+use crate::observe::{RequestRecord, ShimEvent, Workload};
+
+// === Response flags ===
+
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Flags(u16);
+
+impl Flags {
+    pub const DI: Flags = Flags(1);
+    pub const FI: Flags = Flags(1 << 1);
+    pub const NR: Flags = Flags(1 << 2);
+    pub const UH: Flags = Flags(1 << 3);
+    pub const UF: Flags = Flags(1 << 4);
+    pub const UT: Flags = Flags(1 << 5);
+    pub const URX: Flags = Flags(1 << 6);
+    pub const UC: Flags = Flags(1 << 7);
+    pub const UR: Flags = Flags(1 << 8);
+    const NAMES: [&'static str; 9] = ["DI", "FI", "NR", "UH", "UF", "UT", "URX", "UC", "UR"];
+
+    pub fn set(&mut self, f: Flags) {
+        self.0 |= f.0;
+    }
+
+    /// `-`, or the flags joined by `,`.
+    pub fn render(self) -> String {
+        if self.0 == 0 {
+            return "-".to_string();
+        }
+        let names: Vec<&str> = Self::NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, n)| *n)
+            .collect();
+        names.join(",")
+    }
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        // Headers the Connection header names are hop-by-hop too.
+        let named: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        for n in named {
+            if n != "te" {
+                h.remove(n.as_str());
+            }
+        }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn grpc_status_of(h: &HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Envoy's HTTP → gRPC status mapping for local replies.
+fn grpc_for_http(s: StatusCode) -> u32 {
+    match s.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// What a record says about where the request went.
+struct Target<'a> {
+    service: &'a ServiceRoutes,
+    dest: Option<&'a Dest>,
+    endpoint: Option<&'a Workload>,
+}
+
+/// The state of one request that the record needs at the end.
+struct Req<'a> {
+    conn: &'a ConnCtx,
+    start: Instant,
+    grpc: bool,
+    request_bytes: u64,
+    flags: Flags,
+    attempts: u32,
+}
+
+impl Shim {
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: &ConnCtx,
+    ) -> Response<RespBody> {
+        let start = Instant::now();
+        // One atomic load; this request keeps these routes to its end.
+        let table = self.table.load_full();
+        let (parts, body) = req.into_parts();
+        let grpc = is_grpc(&parts.headers);
+        let mut r = Req {
+            conn,
+            start,
+            grpc,
+            request_bytes: header_bytes(&parts.headers)
+                + parts.uri.path_and_query().map_or(1, |p| p.as_str().len()) as u64
+                + parts.method.as_str().len() as u64
+                + 12,
+            flags: Flags::default(),
+            attempts: 0,
+        };
+        let Some(svc) = table.services.get(&conn.info.orig_dst) else {
+            // Not a service of the current config (it just went away).
+            r.flags.set(Flags::NR);
+            return self.local_unrouted(&r, StatusCode::NOT_FOUND);
+        };
+        let authority = authority_of(&parts);
+        let view = RequestView {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            authority: &authority,
+            headers: &parts.headers,
+            source: conn.info.source_pod.as_ref(),
+        };
+        let route = svc
+            .routes
+            .iter()
+            .find(|rt| rt.matches.is_empty() || rt.matches.iter().any(|m| m.matches(&view)));
+        let Some(route) = route else {
+            r.flags.set(Flags::NR);
+            let t = Target {
+                service: svc,
+                dest: None,
+                endpoint: None,
+            };
+            return self.local(&r, &t, StatusCode::NOT_FOUND, None, Bytes::new());
+        };
+        let t = Target {
+            service: svc,
+            dest: None,
+            endpoint: None,
+        };
+        match &route.action {
+            Action::Redirect(rd) => {
+                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let location = rd.location(&authority, pq);
+                let loc = HeaderValue::from_str(&location).ok();
+                self.local(
+                    &r,
+                    &t,
+                    rd.code,
+                    loc.map(|l| (header::LOCATION, l)),
+                    Bytes::new(),
+                )
+            }
+            Action::Direct(d) => self.local(&r, &t, d.status, None, d.body.clone()),
+            Action::Forward(f) => self.forward(r, svc, route, f, parts, body, authority).await,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        self: &Arc<Self>,
+        mut r: Req<'_>,
+        svc: &ServiceRoutes,
+        route: &Route,
+        f: &Forward,
+        mut parts: Parts,
+        body: Incoming,
+        mut authority: String,
+    ) -> Response<RespBody> {
+        let conn = r.conn;
+        let client_ip = conn.info.client_ip.unwrap_or(conn.info.peer.ip());
+        let (hash, new_cookie) = match &f.hash {
+            Some(p) => match p.hash(&parts.headers, parts.uri.query(), client_ip) {
+                Some((h, c)) => (Some(h), c),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        let point = hash.filter(|_| self.options.sticky_subsets).map(point_of);
+        let Some(i) = pick_weighted(&f.weights, &f.bands, point) else {
+            r.flags.set(Flags::UH);
+            let t = Target {
+                service: svc,
+                dest: None,
+                endpoint: None,
+            };
+            return self.local(&r, &t, StatusCode::SERVICE_UNAVAILABLE, None, Bytes::new());
+        };
+        let dest = &f.dests[i];
+        let cluster = &dest.cluster;
+        tracing::trace!(route = ?route.name, host = %cluster.host, subset = ?cluster.subset, port = cluster.port, "routing");
+        let t = Target {
+            service: svc,
+            dest: Some(dest),
+            endpoint: None,
+        };
+
+        if let Some(fault) = &route.fault {
+            if let Some((delay, p)) = fault.delay
+                && p.sample()
+            {
+                r.flags.set(Flags::DI);
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((abort, p)) = fault.abort
+                && p.sample()
+            {
+                r.flags.set(Flags::FI);
+                return match abort {
+                    Abort::Http(s) => self.local(&r, &t, s, None, Bytes::new()),
+                    Abort::Grpc(code) => self.grpc_local(&r, &t, code),
+                };
+            }
+        }
+
+        // The upstream request head: header edits (destination, then
+        // route), rewrites, then what the hop needs.
+        let h2 = parts.version == Version::HTTP_2;
+        dest.headers.request.apply(&mut parts.headers);
+        route.headers.request.apply(&mut parts.headers);
+        let new_authority = route
+            .rewrite
+            .as_ref()
+            .and_then(|rw| rw.authority.clone())
+            .or_else(|| route.headers.request.authority.clone())
+            .or_else(|| dest.headers.request.authority.clone());
+        if let Some(a) = new_authority
+            && let Ok(s) = a.to_str()
+        {
+            authority = s.to_string();
+        }
+        let rewritten = route
+            .rewrite
+            .as_ref()
+            .and_then(|rw| rw.uri.as_ref())
+            .map(|u| rewrite_path(u, route, &parts));
+        strip_hop_by_hop(&mut parts.headers);
+        if !h2 {
+            // HTTP/1 only carries `te` between the two ends of a hop.
+            parts.headers.remove(header::TE);
+        }
+        let pq = rewritten
+            .as_deref()
+            .or_else(|| parts.uri.path_and_query().map(|p| p.as_str()))
+            .unwrap_or("/");
+        let uri = if h2 {
+            Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(pq)
+                .build()
+        } else {
+            Uri::builder().path_and_query(pq).build()
+        };
+        match uri {
+            Ok(u) => parts.uri = u,
+            Err(_) => {
+                let t = Target {
+                    service: svc,
+                    dest: Some(dest),
+                    endpoint: None,
+                };
+                return self.local(&r, &t, StatusCode::BAD_REQUEST, None, Bytes::new());
+            }
+        }
+        if (!h2 || parts.headers.contains_key(header::HOST))
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+
+        let timeout = dest.timeout.unwrap_or(route.timeout);
+        let retry = dest.retry.as_ref().unwrap_or(&route.retry);
+        let deadline = timeout.map(|t| TokioInstant::from_std(r.start) + t);
+
+        // Which mirrors this request feeds (sampled on their own, like
+        // Envoy's per-policy runtime fraction).
+        let mirrors: Vec<&super::table::Mirror> = route
+            .mirrors
+            .iter()
+            .filter(|m| m.fraction.sample())
+            .collect();
+        let body_empty = body.is_end_stream();
+        let keep_head = retry.may_retry_after_send(r.grpc, h2);
+        let replay = (keep_head || !mirrors.is_empty()).then(|| {
+            if body_empty {
+                super::body::Replay::empty()
+            } else {
+                super::body::Replay::new(self.options.max_retry_body_bytes)
+            }
+        });
+        let first_body = match (&replay, body_empty) {
+            (_, true) => ReqBody::Empty,
+            (Some(rp), false) => ReqBody::Tee(TeeBody::new(body, rp.clone())),
+            (None, false) => ReqBody::Stream(body),
+        };
+        for m in mirrors {
+            self.spawn_mirror(m, &parts, &authority, replay.clone(), conn, hash, timeout);
+        }
+        let head = keep_head.then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let mut pending = Some(Request::from_parts(parts, first_body));
+
+        let netns = conn.info.netns;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_fail: Option<(StatusCode, Flags)>;
+        loop {
+            r.attempts += 1;
+            let Some(ep) = cluster.pick(hash, &tried, self.now_ms()) else {
+                if r.attempts == 1 {
+                    r.flags.set(Flags::UH);
+                    return self.local(&r, &t, StatusCode::SERVICE_UNAVAILABLE, None, Bytes::new());
+                }
+                last_fail = Some((StatusCode::SERVICE_UNAVAILABLE, Flags::UH));
+                break;
+            };
+            let req = match pending.take() {
+                Some(req) => req,
+                None => match rebuild(&head, &replay, body_empty) {
+                    Some(req) => req,
+                    // The body cannot be sent again: no retry.
+                    None => {
+                        last_fail = None;
+                        break;
+                    }
+                },
+            };
+            let key = Key {
+                netns,
+                addr: ep.addr,
+                h2,
+            };
+            let try_deadline = match (deadline, retry.per_try_timeout) {
+                (Some(d), Some(p)) => Some((d.min(TokioInstant::now() + p), false)),
+                (Some(d), None) => Some((d, true)),
+                (None, Some(p)) => Some((TokioInstant::now() + p, false)),
+                (None, None) => None,
+            };
+            ep.health.start();
+            let send = self
+                .pool
+                .send(&*self.connector, key, cluster.connect_timeout, req);
+            let result = match try_deadline {
+                Some((at, _)) => tokio::time::timeout_at(at, send).await.ok(),
+                None => Some(send.await),
+            };
+            ep.health.end();
+            let now_ms = self.now_ms();
+            let et = Target {
+                service: svc,
+                dest: Some(dest),
+                endpoint: Some(&ep.workload),
+            };
+            // (retriable, final status and flags when not retried)
+            let (retriable, fail) = match result {
+                Some(Ok((resp, pooled))) => {
+                    let status = resp.status().as_u16();
+                    let grpc_status = grpc_status_of(resp.headers());
+                    let outcome = if status >= 500 {
+                        Outcome::Error {
+                            gateway: matches!(status, 502..=504),
+                        }
+                    } else {
+                        Outcome::Success
+                    };
+                    self.report(cluster, ep, outcome, now_ms);
+                    let again = retry.retries_response(status, grpc_status);
+                    if !again || r.attempts > retry.retries {
+                        if again {
+                            r.flags.set(Flags::URX);
+                        }
+                        return self
+                            .respond(&r, &et, route, dest, resp, pooled, new_cookie, replay);
+                    }
+                    if head.is_none() || rebuild(&head, &replay, body_empty).is_none() {
+                        return self
+                            .respond(&r, &et, route, dest, resp, pooled, new_cookie, replay);
+                    }
+                    (true, None)
+                }
+                Some(Err((SendError::Connect(e), back))) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
+                    self.report(cluster, ep, Outcome::Error { gateway: true }, now_ms);
+                    pending = back;
+                    let cond = on::CONNECT_FAILURE | on::NO_RESPONSE | on::RESET_BEFORE_REQUEST;
+                    (
+                        retry.on & cond != 0,
+                        Some((StatusCode::SERVICE_UNAVAILABLE, Flags::UF)),
+                    )
+                }
+                Some(Err((SendError::Reset { refused, error }, back))) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %error, "upstream reset");
+                    self.report(cluster, ep, Outcome::Error { gateway: true }, now_ms);
+                    let before = back.is_some();
+                    pending = back;
+                    let mut cond = on::NO_RESPONSE;
+                    if refused {
+                        cond |= on::REFUSED_STREAM;
+                    }
+                    if before {
+                        cond |= on::RESET_BEFORE_REQUEST;
+                    }
+                    let flag = if h2 { Flags::UR } else { Flags::UC };
+                    (
+                        retry.on & cond != 0,
+                        Some((StatusCode::SERVICE_UNAVAILABLE, flag)),
+                    )
+                }
+                None => {
+                    // Timed out: the route's timeout ends the request; a
+                    // per-try timeout may be retried.
+                    self.report(cluster, ep, Outcome::Error { gateway: true }, now_ms);
+                    let global = try_deadline.is_some_and(|(at, g)| g || Some(at) == deadline);
+                    let fail = Some((StatusCode::GATEWAY_TIMEOUT, Flags::UT));
+                    if global {
+                        last_fail = fail;
+                        break;
+                    }
+                    (retry.on & on::NO_RESPONSE != 0, fail)
+                }
+            };
+            last_fail = fail;
+            if !retriable {
+                break;
+            }
+            if r.attempts > retry.retries {
+                r.flags.set(Flags::URX);
+                break;
+            }
+            if retry.other_host {
+                tried.push(ep.addr);
+            }
+            // Back off (jittered), within the route's timeout.
+            let wake = TokioInstant::now() + retry.backoff(r.attempts);
+            match deadline {
+                Some(d) if d <= wake => {
+                    tokio::time::sleep_until(d).await;
+                    last_fail = Some((StatusCode::GATEWAY_TIMEOUT, Flags::UT));
+                    break;
+                }
+                _ => tokio::time::sleep_until(wake).await,
+            }
+        }
+        let (status, flag) = last_fail.unwrap_or((StatusCode::SERVICE_UNAVAILABLE, Flags::UC));
+        r.flags.set(flag);
+        self.local(&r, &t, status, None, Bytes::new())
+    }
+
+    fn report(
+        &self,
+        cluster: &super::balance::Cluster,
+        ep: &super::balance::Endpoint,
+        outcome: Outcome,
+        now_ms: u64,
+    ) {
+        if cluster.report(ep, outcome, now_ms) {
+            tracing::info!(
+                host = %cluster.host,
+                subset = ?cluster.subset,
+                endpoint = %ep.addr,
+                "outlier detection ejected an endpoint"
+            );
+            self.observer.on_event(&ShimEvent::EndpointEjected {
+                destination_service: cluster.host.clone(),
+                subset: cluster.subset.clone(),
+                endpoint: ep.addr,
+            });
+        }
+    }
+
+    /// The upstream response, with the response header edits, streamed
+    /// back; its record is emitted when the body ends.
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &self,
+        r: &Req<'_>,
+        t: &Target<'_>,
+        route: &Route,
+        dest: &Dest,
+        resp: Response<Incoming>,
+        pooled: Option<super::upstream::PoolReturn>,
+        new_cookie: Option<super::balance::NewCookie>,
+        replay: Option<Arc<super::body::Replay>>,
+    ) -> Response<RespBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        dest.headers.response.apply(&mut parts.headers);
+        route.headers.response.apply(&mut parts.headers);
+        if let Some(c) = new_cookie
+            && let Ok(v) = HeaderValue::from_str(&c.0)
+        {
+            parts.headers.append(header::SET_COOKIE, v);
+        }
+        let mut record = self.record(r, t, parts.status);
+        record.grpc_status = parts
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        record.response_bytes = header_bytes(&parts.headers) + 17;
+        let finish = Finish {
+            record,
+            start: r.start,
+            observer: self.observer.clone(),
+            pool: pooled,
+            replay,
+        };
+        Response::from_parts(parts, RespBody::stream(body, finish))
+    }
+
+    fn record(&self, r: &Req<'_>, t: &Target<'_>, status: StatusCode) -> RequestRecord {
+        let (dest_ws, subset, service, name, ns) = match t.dest {
+            Some(d) => {
+                let c = &d.cluster;
+                (
+                    t.endpoint.cloned().unwrap_or_else(|| Workload {
+                        namespace: c.service_namespace.clone(),
+                        version: c.subset.clone().unwrap_or_else(|| "unknown".into()),
+                        ..Workload::unknown()
+                    }),
+                    c.subset.clone(),
+                    c.host.clone(),
+                    c.service_name.clone(),
+                    c.service_namespace.clone(),
+                )
+            }
+            None => (
+                Workload::unknown(),
+                None,
+                t.service.host.clone(),
+                t.service.name.clone(),
+                t.service.namespace.clone(),
+            ),
+        };
+        RequestRecord {
+            source: r.conn.source.clone(),
+            destination: dest_ws,
+            destination_service: service,
+            destination_service_name: name,
+            destination_service_namespace: ns,
+            subset,
+            protocol: if r.grpc { "grpc" } else { "http" },
+            response_code: status.as_u16(),
+            grpc_status: None,
+            response_flags: r.flags.render(),
+            duration: r.start.elapsed(),
+            request_bytes: r.request_bytes,
+            response_bytes: 0,
+            mirrored: false,
+            attempts: r.attempts,
+        }
+    }
+
+    /// A reply made by the shim itself (no route, no endpoint, fault,
+    /// redirect, direct response), recorded at once. gRPC clients get a
+    /// trailers-only gRPC error instead, as Envoy sends them.
+    fn local(
+        &self,
+        r: &Req<'_>,
+        t: &Target<'_>,
+        status: StatusCode,
+        extra: Option<(header::HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> Response<RespBody> {
+        if r.grpc && (status.is_client_error() || status.is_server_error()) {
+            return self.grpc_local(r, t, grpc_for_http(status));
+        }
+        let mut record = self.record(r, t, status);
+        let mut resp = Response::new(RespBody::full(body.clone()));
+        *resp.status_mut() = status;
+        if let Some((k, v)) = extra {
+            resp.headers_mut().insert(k, v);
+        }
+        if !body.is_empty() {
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        record.response_bytes = header_bytes(resp.headers()) + 17 + body.len() as u64;
+        self.observer.on_request(&record);
+        resp
+    }
+
+    fn grpc_local(&self, r: &Req<'_>, t: &Target<'_>, code: u32) -> Response<RespBody> {
+        let mut record = self.record(r, t, StatusCode::OK);
+        record.grpc_status = Some(code.to_string());
+        let mut resp = Response::new(RespBody::empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        record.response_bytes = header_bytes(resp.headers()) + 17;
+        self.observer.on_request(&record);
+        resp
+    }
+
+    fn local_unrouted(&self, r: &Req<'_>, status: StatusCode) -> Response<RespBody> {
+        let mut record = RequestRecord {
+            source: r.conn.source.clone(),
+            destination: Workload::unknown(),
+            destination_service: r.conn.info.orig_dst.to_string(),
+            destination_service_name: "unknown".into(),
+            destination_service_namespace: "unknown".into(),
+            subset: None,
+            protocol: if r.grpc { "grpc" } else { "http" },
+            response_code: status.as_u16(),
+            grpc_status: None,
+            response_flags: r.flags.render(),
+            duration: r.start.elapsed(),
+            request_bytes: r.request_bytes,
+            response_bytes: 0,
+            mirrored: false,
+            attempts: 0,
+        };
+        let mut resp = Response::new(RespBody::empty());
+        *resp.status_mut() = status;
+        record.response_bytes = 17;
+        self.observer.on_request(&record);
+        resp
+    }
+}
+
+/// The request's authority: `:authority` (h2, absolute URIs) or `Host`.
+pub(crate) fn authority_of(parts: &Parts) -> String {
+    if let Some(a) = parts.uri.authority() {
+        return a.as_str().to_string();
+    }
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The path and query after `rewrite.uri` / `uriRegexRewrite`.
+fn rewrite_path(u: &UriRewrite, route: &Route, parts: &Parts) -> String {
+    let path = parts.uri.path();
+    let query = parts.uri.query();
+    let new_path = match u {
+        UriRewrite::Prefix(to) => {
+            // The matched prefix (the whole path for an exact or regex
+            // match); a route without a uri match matched Envoy's
+            // catch-all `prefix: /`.
+            let cut = route
+                .matches
+                .iter()
+                .find_map(|m| m.uri_match(path))
+                .map_or(usize::from(path.starts_with('/')), |u| {
+                    u.rewritten_len(path)
+                });
+            format!("{to}{}", &path[cut.min(path.len())..])
+        }
+        UriRewrite::Regex(re, with) => re.replace_all(path, with.as_str()).into_owned(),
+    };
+    match query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    }
+}
+
+/// A retry's request: the kept head and a replay of the body.
+fn rebuild(
+    head: &Option<(Method, Uri, HeaderMap)>,
+    replay: &Option<Arc<super::body::Replay>>,
+    body_empty: bool,
+) -> Option<Request<ReqBody>> {
+    let (m, u, h) = head.as_ref()?;
+    let body = if body_empty {
+        ReqBody::Empty
+    } else {
+        replay.as_ref()?.body()?
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = m.clone();
+    *req.uri_mut() = u.clone();
+    *req.headers_mut() = h.clone();
+    if u.scheme().is_some() {
+        *req.version_mut() = Version::HTTP_2;
+    }
+    Some(req)
+}

@@ -1,0 +1,256 @@
+//! Upstream connections: a pool per (client network namespace, endpoint,
+//! protocol). HTTP/1.1 connections carry one request at a time and go
+//! back to the pool when their response body has ended; an h2c
+//! connection is shared by every request to the endpoint.
+//!
+//! The pool is split into shards behind short mutexes (held for a pop or
+//! a push, never across an await).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::Connector;
+use super::body::ReqBody;
+
+const SHARDS: usize = 16;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub netns: u64,
+    pub addr: SocketAddr,
+    pub h2: bool,
+}
+
+impl Key {
+    fn shard(&self) -> usize {
+        let ip = match self.addr.ip() {
+            std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            std::net::IpAddr::V6(v6) => (u128::from(v6) as u64) ^ ((u128::from(v6) >> 64) as u64),
+        };
+        let h = (ip ^ self.netns.rotate_left(17) ^ u64::from(self.addr.port()) << 32)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> 60) as usize % SHARDS
+    }
+}
+
+enum Idle {
+    H1(Vec<http1::SendRequest<ReqBody>>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
+pub(crate) struct Pool {
+    shards: Vec<Mutex<HashMap<Key, Idle>>>,
+    max_idle: usize,
+}
+
+/// An HTTP/1.1 connection to put back once its response has ended.
+pub(crate) struct PoolReturn {
+    pool: Arc<Pool>,
+    key: Key,
+    sender: http1::SendRequest<ReqBody>,
+}
+
+impl PoolReturn {
+    pub fn put_back(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut shard = self.pool.lock(&self.key);
+        if let Idle::H1(list) = shard
+            .entry(self.key)
+            .or_insert_with(|| Idle::H1(Vec::new()))
+            && list.len() < self.pool.max_idle
+        {
+            list.push(self.sender);
+        }
+    }
+}
+
+/// Why an attempt got no response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The TCP connection failed or timed out (the request was not sent).
+    Connect(io::Error),
+    /// The request was sent (at least in part), then the stream or the
+    /// connection broke. `refused`: the h2 server refused the stream.
+    Reset { refused: bool, error: hyper::Error },
+}
+
+/// On a connect failure the request comes back (it was not sent), so a
+/// retry needs no copy of it.
+pub(crate) type SendResult =
+    Result<(Response<Incoming>, Option<PoolReturn>), (SendError, Option<Request<ReqBody>>)>;
+
+impl Pool {
+    pub fn new(max_idle: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            max_idle,
+        })
+    }
+
+    fn lock(&self, key: &Key) -> std::sync::MutexGuard<'_, HashMap<Key, Idle>> {
+        self.shards[key.shard()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<ReqBody>> {
+        let mut shard = self.lock(key);
+        match shard.get_mut(key) {
+            Some(Idle::H1(list)) => list.pop(),
+            _ => None,
+        }
+    }
+
+    fn get_h2(&self, key: &Key) -> Option<http2::SendRequest<ReqBody>> {
+        let shard = self.lock(key);
+        match shard.get(key) {
+            Some(Idle::H2(s)) if !s.is_closed() => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// Sends `req` to `key.addr`, on a pooled connection when there is a
+    /// usable one. A pooled connection that turns out closed before the
+    /// request went out is replaced by a new one transparently.
+    pub async fn send(
+        self: &Arc<Self>,
+        connector: &dyn Connector,
+        key: Key,
+        connect_timeout: Duration,
+        req: Request<ReqBody>,
+    ) -> SendResult {
+        if key.h2 {
+            self.send_h2(connector, key, connect_timeout, req).await
+        } else {
+            self.send_h1(connector, key, connect_timeout, req).await
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        connector: &dyn Connector,
+        key: Key,
+        connect_timeout: Duration,
+        mut req: Request<ReqBody>,
+    ) -> SendResult {
+        while let Some(mut sender) = self.take_h1(&key) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Some(self.pooled(key, sender)))),
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the idle connection was closed; next one.
+                    Some(r) => req = r,
+                    None => return Err((reset(e.into_error()), None)),
+                },
+            }
+        }
+        let stream = match connect(connector, key, connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => return Err((e, Some(req))),
+        };
+        let mut sender = match http1::handshake(TokioIo::new(stream)).await {
+            Ok((mut sender, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                match sender.ready().await {
+                    Ok(()) => sender,
+                    Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
+                }
+            }
+            Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, Some(self.pooled(key, sender)))),
+            Err(mut e) => {
+                let back = e.take_message();
+                Err((reset(e.into_error()), back))
+            }
+        }
+    }
+
+    fn pooled(self: &Arc<Self>, key: Key, sender: http1::SendRequest<ReqBody>) -> PoolReturn {
+        PoolReturn {
+            pool: self.clone(),
+            key,
+            sender,
+        }
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        connector: &dyn Connector,
+        key: Key,
+        connect_timeout: Duration,
+        mut req: Request<ReqBody>,
+    ) -> SendResult {
+        if let Some(mut sender) = self.get_h2(&key)
+            && sender.ready().await.is_ok()
+        {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, None)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err((reset(e.into_error()), None)),
+                },
+            }
+        }
+        let stream = match connect(connector, key, connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => return Err((e, Some(req))),
+        };
+        let mut sender = match http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+            Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
+        };
+        self.lock(&key).insert(key, Idle::H2(sender.clone()));
+        if let Err(e) = sender.ready().await {
+            return Err((SendError::Connect(io::Error::other(e)), Some(req)));
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(mut e) => {
+                let back = e.take_message();
+                Err((reset(e.into_error()), back))
+            }
+        }
+    }
+}
+
+async fn connect(
+    connector: &dyn Connector,
+    key: Key,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, SendError> {
+    match tokio::time::timeout(timeout, connector.connect(key.netns, key.addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(SendError::Connect(e)),
+        Err(_) => Err(SendError::Connect(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connect timed out",
+        ))),
+    }
+}
+
+fn reset(error: hyper::Error) -> SendError {
+    // hyper does not expose the h2 reason; its text names it.
+    let refused = format!("{error:?}").contains("REFUSED_STREAM");
+    SendError::Reset { refused, error }
+}

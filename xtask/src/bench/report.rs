@@ -1,0 +1,534 @@
+//! The bench's results as a terminal table, as markdown for the README,
+//! and as JSON.
+
+use std::fmt::Write as _;
+
+use canary_tests::probe::ConnectTiming;
+use serde_json::{Value, json};
+
+use super::wrk::WrkResult;
+use super::{Results, WeightsTrial};
+
+/// Tolerance for "unchanged with 10,000 services".
+const UNCHANGED: f64 = 0.97;
+
+/// Median of the rounds and the half-spread in percent of it.
+#[derive(Clone, Copy, Debug)]
+struct Stat {
+    median: f64,
+    spread_pct: f64,
+}
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+fn stat(r: &Results, key: &str, mode: &str) -> Option<Stat> {
+    stat_of(r, key, mode, |w| w.requests_per_sec)
+}
+
+fn stat_of(r: &Results, key: &str, mode: &str, f: fn(&WrkResult) -> f64) -> Option<Stat> {
+    let mut v: Vec<f64> = r
+        .wrk
+        .iter()
+        .find(|((k, m), _)| *k == key && *m == mode)?
+        .1
+        .iter()
+        .map(f)
+        .collect();
+    let m = median(&mut v)?;
+    let (lo, hi) = (v[0], v[v.len() - 1]);
+    Some(Stat {
+        median: m,
+        spread_pct: if m > 0.0 { (hi - lo) / m * 50.0 } else { 0.0 },
+    })
+}
+
+fn ratio(r: &Results, a: &str, b: &str, mode: &str) -> Option<f64> {
+    let (a, b) = (stat(r, a, mode)?, stat(r, b, mode)?);
+    (b.median > 0.0).then(|| a.median / b.median)
+}
+
+/// Median across rounds of each percentile.
+#[derive(Clone, Copy, Debug, Default)]
+struct Timing {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+fn timing(r: &Results, key: &str) -> Option<Timing> {
+    let rounds: &Vec<ConnectTiming> = r.connect.get(key)?;
+    let pick = |f: fn(&ConnectTiming) -> u64| {
+        let mut v: Vec<f64> = rounds.iter().map(|t| f(t) as f64).collect();
+        median(&mut v)
+    };
+    Some(Timing {
+        p50: pick(|t| t.p50)?,
+        p99: pick(|t| t.p99)?,
+        mean: pick(|t| t.mean)?,
+    })
+}
+
+fn weights(r: &Results) -> Option<(f64, f64, f64, f64)> {
+    let pick = |f: fn(&WeightsTrial) -> f64| {
+        let mut v: Vec<f64> = r.weights.iter().map(f).collect();
+        median(&mut v)
+    };
+    Some((
+        pick(|t| t.first_v2_after_return_ms)?,
+        pick(|t| t.cli_ms)?,
+        pick(|t| t.last_v1_after_return_ms)?,
+        pick(|t| t.loop_interval_ms)?,
+    ))
+}
+
+fn fmt_ratio(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".into(), |x| format!("{x:.2}"))
+}
+
+fn fmt_pair(a: Option<f64>, b: Option<f64>) -> String {
+    format!("{} / {}", fmt_ratio(a), fmt_ratio(b))
+}
+
+/// One target from the issue.
+struct Target {
+    what: String,
+    value: Option<f64>,
+    goal: f64,
+}
+
+impl Target {
+    fn verdict(&self) -> &'static str {
+        match self.value {
+            Some(v) if v >= self.goal => "PASS",
+            Some(_) => "MISS",
+            None => "n/a",
+        }
+    }
+}
+
+fn targets(r: &Results) -> Vec<Target> {
+    let t = |what: &str, value, goal| Target {
+        what: what.into(),
+        value,
+        goal,
+    };
+    vec![
+        t(
+            "canary one-endpoint VIP / direct, new connections ≥ 0.97",
+            ratio(r, "canary_one", "direct", "new_conn"),
+            0.97,
+        ),
+        t(
+            "canary 90/10 VIP / direct, new connections ≥ 0.97",
+            ratio(r, "canary_split", "direct", "new_conn"),
+            0.97,
+        ),
+        t(
+            "canary one-endpoint VIP / direct, keep-alive ≥ 0.99",
+            ratio(r, "canary_one", "direct", "keep_alive"),
+            0.99,
+        ),
+        t(
+            "canary 90/10 VIP / direct, keep-alive ≥ 0.99",
+            ratio(r, "canary_split", "direct", "keep_alive"),
+            0.99,
+        ),
+        t(
+            "canary / iptables, 1 service, new connections ≥ 1.0",
+            ratio(r, "canary_split", "iptables_split", "new_conn"),
+            1.0,
+        ),
+        t(
+            "canary / iptables, 1 service, keep-alive ≥ 1.0",
+            ratio(r, "canary_split", "iptables_split", "keep_alive"),
+            1.0,
+        ),
+        t(
+            "canary 10k / canary 1 service, new connections ≥ 0.97 (unchanged)",
+            ratio(r, "canary_10k", "canary_split", "new_conn"),
+            UNCHANGED,
+        ),
+        t(
+            "canary 10k / canary 1 service, keep-alive ≥ 0.97 (unchanged)",
+            ratio(r, "canary_10k", "canary_split", "keep_alive"),
+            UNCHANGED,
+        ),
+    ]
+}
+
+/// Median and maximum share of the bench's CPUs, and median share of the
+/// whole machine, that other work used during the wrk runs.
+fn background(r: &Results) -> Option<(f64, f64, f64)> {
+    let runs = || r.wrk.values().flatten();
+    let mut v: Vec<f64> = runs().map(|w| w.background_share(r.cpus)).collect();
+    let mut machine: Vec<f64> = runs()
+        .map(|w| w.machine_background_share(r.machine_cpus))
+        .collect();
+    let max = v.iter().copied().fold(0.0, f64::max);
+    Some((median(&mut v)?, max, median(&mut machine)?))
+}
+
+fn cpu_cell(r: &Results, key: &str) -> String {
+    let cell = |mode| {
+        stat_of(r, key, mode, WrkResult::cpu_us_per_request)
+            .map_or_else(|| "n/a".into(), |s| format!("{:.1}", s.median))
+    };
+    format!("{} / {}", cell("new_conn"), cell("keep_alive"))
+}
+
+/// The lines both the terminal and the markdown show under the table.
+fn summary_lines(r: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some((med, max, machine)) = background(r) {
+        out.push(format!(
+            "placement: {}; during the runs other work used {:.0}% (median; max {:.0}%) of the \
+             bench's CPU{} and {:.0}% of the machine{}",
+            r.placement,
+            med * 100.0,
+            max * 100.0,
+            if r.cpus == 1 { "" } else { "s" },
+            machine * 100.0,
+            if med > 0.10 || machine > 0.10 {
+                " — a busy machine: treat differences of a few percent as noise"
+            } else {
+                ""
+            }
+        ));
+    }
+    let pair =
+        |a: &str, b: &str| fmt_pair(ratio(r, a, b, "new_conn"), ratio(r, a, b, "keep_alive"));
+    out.push(format!(
+        "canary / iptables (new / ka): {} (1 service)   {} ({}k services)",
+        pair("canary_split", "iptables_split"),
+        pair("canary_10k", "iptables_10k"),
+        r.services / 1000
+    ));
+    out.push(format!(
+        "10k / 1 service (new / ka): canary {}   iptables {}",
+        pair("canary_10k", "canary_split"),
+        pair("iptables_10k", "iptables_split")
+    ));
+    out.push(format!(
+        "iptables / its own baseline (direct with conntrack on) (new / ka): {}",
+        pair("iptables_split", "direct_conntrack")
+    ));
+    if let (Some(d), Some(v)) = (timing(r, "direct"), timing(r, "canary_one")) {
+        out.push(format!(
+            "connect(): direct p50 {:.0} ns p99 {:.0} ns; VIP (one endpoint) p50 {:.0} ns p99 {:.0} ns; \
+             added p50 {:+.0} ns, p99 {:+.0} ns",
+            d.p50,
+            d.p99,
+            v.p50,
+            v.p99,
+            v.p50 - d.p50,
+            v.p99 - d.p99
+        ));
+    }
+    if let Some((first, cli, last_v1, interval)) = weights(r) {
+        out.push(format!(
+            "weights → first new-split connection: {first:+.3} ms after the CLI returned \
+             (CLI round trip {cli:.2} ms; last v1 connection {last_v1:+.3} ms; the client loop \
+             connects every {interval:.3} ms; median of {})",
+            r.weights.len()
+        ));
+    }
+    out
+}
+
+pub fn text(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\ncanary L4 bench: wrk -t{} -c{} -d{}s, median of {} rounds (± half the spread)",
+        r.load.threads,
+        r.load.connections,
+        r.load.duration.as_secs(),
+        r.rounds
+    );
+    let _ = writeln!(
+        s,
+        "{:<30} {:>18} {:>18}   {:<26} CPU µs/req (new / ka)",
+        "scenario", "new-conn req/s", "keep-alive req/s", "ratio vs direct (new / ka)"
+    );
+    for sc in &r.scenarios {
+        let cell = |mode| {
+            stat(r, sc.key, mode).map_or_else(
+                || "n/a".into(),
+                |st| format!("{:.0} ±{:.1}%", st.median, st.spread_pct),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "{:<30} {:>18} {:>18}   {:<26} {}",
+            sc.label,
+            cell("new_conn"),
+            cell("keep_alive"),
+            fmt_pair(
+                ratio(r, sc.key, "direct", "new_conn"),
+                ratio(r, sc.key, "direct", "keep_alive")
+            ),
+            cpu_cell(r, sc.key)
+        );
+    }
+    for line in summary_lines(r) {
+        let _ = writeln!(s, "{line}");
+    }
+    let _ = writeln!(
+        s,
+        "\nconnect() system call, ns (median of {} rounds × N={})",
+        r.rounds,
+        r.connect
+            .values()
+            .next()
+            .and_then(|v| v.first())
+            .map_or(0, |t| t.samples)
+    );
+    let _ = writeln!(
+        s,
+        "{:<30} {:>9} {:>9} {:>9} {:>16}",
+        "scenario", "p50", "p99", "mean", "p50 vs direct"
+    );
+    let direct = timing(r, "direct");
+    for sc in &r.scenarios {
+        if let Some(t) = timing(r, sc.key) {
+            let _ = writeln!(
+                s,
+                "{:<30} {:>9.0} {:>9.0} {:>9.0} {:>16}",
+                sc.label,
+                t.p50,
+                t.p99,
+                t.mean,
+                direct.map_or_else(String::new, |d| format!("{:+.0}", t.p50 - d.p50))
+            );
+        }
+    }
+    let _ = writeln!(s, "\ntargets (informational):");
+    for t in targets(r) {
+        let _ = writeln!(
+            s,
+            "  {:<4}  {:<66} {}",
+            t.verdict(),
+            t.what,
+            fmt_ratio(t.value)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n{}; kernel {}, {} CPUs, load {} → {}; commit {}; {:.0} s",
+        r.env.get("iptables").map_or("", String::as_str),
+        r.env.get("kernel").map_or("", String::as_str),
+        r.env.get("cpus").map_or("", String::as_str),
+        r.env.get("loadavg_start").map_or("", String::as_str),
+        r.env.get("loadavg_end").map_or("", String::as_str),
+        r.env.get("commit").map_or("", String::as_str),
+        r.wall_s
+    );
+    s
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### L4 fast path: canary beside direct and kube-proxy iptables\n"
+    );
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench` (as root): wrk -t{} -c{} -d{}s, new connection per request \
+         (`Connection: close`) and keep-alive; median of {} rounds in rotated order, ± half \
+         the spread. All clients sit in network namespaces on the same bridge as the same three \
+         backend pods; kube-proxy's iptables rules ({}) live in namespaces of their own, since \
+         a nat table turns conntrack on for its whole namespace.\n",
+        r.load.threads,
+        r.load.connections,
+        r.load.duration.as_secs(),
+        r.rounds,
+        r.env.get("iptables").map_or("", String::as_str),
+    );
+    let _ = writeln!(
+        s,
+        "| scenario | new-conn req/s | keep-alive req/s | vs direct (new / ka) | CPU µs/req (new / ka) |\n|---|---:|---:|---:|---:|"
+    );
+    for sc in &r.scenarios {
+        let cell = |mode| {
+            stat(r, sc.key, mode).map_or_else(
+                || "n/a".into(),
+                |st| format!("{:.0} ±{:.1}%", st.median, st.spread_pct),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            sc.label,
+            cell("new_conn"),
+            cell("keep_alive"),
+            fmt_pair(
+                ratio(r, sc.key, "direct", "new_conn"),
+                ratio(r, sc.key, "direct", "keep_alive")
+            ),
+            cpu_cell(r, sc.key)
+        );
+    }
+    let _ = writeln!(s);
+    for line in summary_lines(r) {
+        let _ = writeln!(s, "- {line}");
+    }
+    let _ = writeln!(
+        s,
+        "\n`connect()` system call (ns, median of {} rounds of {} connect-only connections):\n",
+        r.rounds,
+        r.connect
+            .values()
+            .next()
+            .and_then(|v| v.first())
+            .map_or(0, |t| t.samples)
+    );
+    let _ = writeln!(
+        s,
+        "| scenario | p50 | p99 | mean | p50 vs direct |\n|---|---:|---:|---:|---:|"
+    );
+    let direct = timing(r, "direct");
+    for sc in &r.scenarios {
+        if let Some(t) = timing(r, sc.key) {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.0} | {:.0} | {} |",
+                sc.label,
+                t.p50,
+                t.p99,
+                t.mean,
+                direct.map_or_else(String::new, |d| format!("{:+.0}", t.p50 - d.p50))
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nTargets (informational):\n\n| | target | measured |\n|---|---|---:|"
+    );
+    for t in targets(r) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            t.verdict(),
+            t.what,
+            fmt_ratio(t.value)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nScenarios: *direct* connects to pod 10.77.0.11 from a cgroup without canary; *direct, \
+         canary attached* does the same from canary's cgroup (the cost canary puts on traffic \
+         that is not for a Service); *canary VIP, one endpoint* is a Service whose only endpoint \
+         is that pod; *90/10* is the checkout example (v1 two pods, v2 one pod); *10k services* \
+         adds {} generated Services (canary: to the config; iptables: {} KUBE-SVC chains before \
+         the measured one); *direct, conntrack on* is the direct path from the iptables \
+         namespace, iptables' own baseline. kube-proxy's filter-table rules are left out, which \
+         favours iptables.\n",
+        r.services, r.services
+    );
+    let _ = writeln!(
+        s,
+        "Machine: kernel {}, {} CPUs, load average {} at the start; {}; commit {}.",
+        r.env.get("kernel").map_or("", String::as_str),
+        r.env.get("cpus").map_or("", String::as_str),
+        r.env.get("loadavg_start").map_or("", String::as_str),
+        r.env.get("wrk").map_or("", String::as_str),
+        r.env.get("commit").map_or("", String::as_str),
+    );
+    s
+}
+
+pub fn json(r: &Results) -> Value {
+    let scenarios: Vec<Value> = r
+        .scenarios
+        .iter()
+        .map(|sc| {
+            let runs = |mode: &str| -> Value {
+                r.wrk
+                    .iter()
+                    .find(|((k, m), _)| *k == sc.key && *m == mode)
+                    .map_or(Value::Null, |(_, v)| {
+                        Value::Array(v.iter().map(super::wrk::WrkResult::to_json).collect())
+                    })
+            };
+            let st = |mode: &str| {
+                stat(r, sc.key, mode).map(|s| json!({"median": s.median, "spread_pct": s.spread_pct}))
+            };
+            json!({
+                "key": sc.key,
+                "label": sc.label,
+                "target": sc.target.to_string(),
+                "client": format!("{:?}", sc.client),
+                "new_conn": {"req_per_sec": st("new_conn"), "runs": runs("new_conn"),
+                             "vs_direct": ratio(r, sc.key, "direct", "new_conn")},
+                "keep_alive": {"req_per_sec": st("keep_alive"), "runs": runs("keep_alive"),
+                               "vs_direct": ratio(r, sc.key, "direct", "keep_alive")},
+                "connect_ns": {
+                    "median_of_rounds": timing(r, sc.key).map(|t| json!({"p50": t.p50, "p99": t.p99, "mean": t.mean})),
+                    "rounds": r.connect.get(sc.key).map(|v| serde_json::to_value(v).unwrap_or(Value::Null)),
+                },
+                "sanity": r.sanity.get(sc.key).map(|p| json!({
+                    "ok": p.ok, "failed": p.failed, "peer_is_target": p.peer_is_target,
+                    "by_pod": p.by_pod, "by_version": p.by_version,
+                })),
+            })
+        })
+        .collect();
+    let pair = |a: &str, b: &str| json!({"new_conn": ratio(r, a, b, "new_conn"), "keep_alive": ratio(r, a, b, "keep_alive")});
+    json!({
+        "placement": r.placement,
+        "background_share": background(r).map(|(med, max, machine)| json!({
+            "bench_cpus_median": med, "bench_cpus_max": max, "machine_median": machine,
+        })),
+        "args": r.args_json,
+        "environment": r.env,
+        "setup": r.setup,
+        "wall_seconds": r.wall_s,
+        "scenarios": scenarios,
+        "ratios": {
+            "canary_vs_iptables_1": pair("canary_split", "iptables_split"),
+            "canary_vs_iptables_10k": pair("canary_10k", "iptables_10k"),
+            "canary_10k_vs_1": pair("canary_10k", "canary_split"),
+            "iptables_10k_vs_1": pair("iptables_10k", "iptables_split"),
+            "iptables_vs_direct_conntrack": pair("iptables_split", "direct_conntrack"),
+        },
+        "weights_to_effect": {
+            "trials": r.weights.iter().map(|t| json!({
+                "cli_ms": t.cli_ms,
+                "first_v2_after_return_ms": t.first_v2_after_return_ms,
+                "last_v1_after_return_ms": t.last_v1_after_return_ms,
+                "loop_interval_ms": t.loop_interval_ms,
+            })).collect::<Vec<_>>(),
+            "median": weights(r).map(|(first, cli, last, interval)| json!({
+                "first_v2_after_return_ms": first, "cli_ms": cli,
+                "last_v1_after_return_ms": last, "loop_interval_ms": interval,
+            })),
+        },
+        "targets": targets(r).iter().map(|t| json!({
+            "target": t.what, "measured": t.value, "goal": t.goal, "verdict": t.verdict(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+}
