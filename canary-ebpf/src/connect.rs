@@ -34,8 +34,15 @@ pub fn on_connect<const FAMILY: u8>(ctx: &SockAddrContext) -> i32 {
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
+    let dialled = dialled_addr::<FAMILY>(sa);
+    // An IPv4 service dialled through a dual-stack IPv6 socket
+    // (::ffff:a.b.c.d, as gRPC and Java clients do) is the IPv4 service.
+    let (addr, family) = match v4_mapped(&dialled) {
+        Some(v4) if family == FAMILY_V6 => ([v4, 0, 0, 0], FAMILY_V4),
+        _ => (dialled, family),
+    };
     let service = ServiceKey {
-        addr: dialled_addr::<FAMILY>(sa),
+        addr,
         port: sa.user_port as u16,
         family,
         proto: PROTO_TCP,
@@ -132,8 +139,9 @@ fn rewrite<const FAMILY: u8>(
         if family == FAMILY_V4 {
             core::ptr::write_volatile(&mut sa.user_ip4, backend.addr[0]);
         } else {
+            let words = v6_words(&backend);
             for i in 0..4 {
-                core::ptr::write_volatile(&mut sa.user_ip6[i], backend.addr[i]);
+                core::ptr::write_volatile(&mut sa.user_ip6[i], words[i]);
             }
         }
         core::ptr::write_volatile(&mut sa.user_port, backend.port as u32);
@@ -146,6 +154,23 @@ fn rewrite<const FAMILY: u8>(
         _pad: 0,
     };
     let _ = FLOWS.insert(&cookie, &flow, 0);
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+#[inline(always)]
+pub fn v4_mapped(words: &[u32; 4]) -> Option<u32> {
+    (words[0] == 0 && words[1] == 0 && words[2] == u32::to_be(0xffff)).then_some(words[3])
+}
+
+/// How an endpoint is written into an IPv6 socket's destination: an IPv4
+/// endpoint (of an IPv4 service dialled from a dual-stack socket) mapped.
+#[inline(always)]
+pub fn v6_words(backend: &Backend) -> [u32; 4] {
+    if backend.family == FAMILY_V4 {
+        [0, 0, u32::to_be(0xffff), backend.addr[0]]
+    } else {
+        backend.addr
+    }
 }
 
 #[inline(always)]
@@ -222,6 +247,9 @@ fn client_hash<const FAMILY: u8>(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> u
             ]
         }
     };
+    if let Some(v4) = v4_mapped(&bound) {
+        return source_hash(&[v4, 0, 0, 0]);
+    }
     if bound[0] | bound[1] | bound[2] | bound[3] != 0 {
         return source_hash(&bound);
     }

@@ -34,12 +34,12 @@ pub fn canary_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn canary_peer4(ctx: SockAddrContext) -> i32 {
-    peer::on_getpeername(&ctx, FAMILY_V4)
+    peer::on_getpeername::<FAMILY_V4>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn canary_peer6(ctx: SockAddrContext) -> i32 {
-    peer::on_getpeername(&ctx, FAMILY_V6)
+    peer::on_getpeername::<FAMILY_V6>(&ctx)
 }
 
 #[sock_ops]

@@ -2,14 +2,17 @@
 //! never the endpoint canary chose.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
-use canary_common::FAMILY_V4;
+use canary_common::{Backend, FAMILY_V4};
 
+use crate::connect::v6_words;
 use crate::maps::FLOWS;
 
 /// getpeername programs must always return 1.
 const OK: i32 = 1;
 
-pub fn on_getpeername(ctx: &SockAddrContext, family: u8) -> i32 {
+/// Generic over the family for the same reason as `on_connect`: every
+/// context access must have a constant offset.
+pub fn on_getpeername<const FAMILY: u8>(ctx: &SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(flow) = (unsafe { FLOWS.get(&cookie) }) else {
         return OK;
@@ -19,23 +22,34 @@ pub fn on_getpeername(ctx: &SockAddrContext, family: u8) -> i32 {
     // Only translate back when the peer is still the endpoint we chose: a
     // reused cookie or a reconnect elsewhere must show the truth.
     let port = unsafe { core::ptr::read_volatile(&sa.user_port) } as u16;
-    if port != flow.backend.port || flow.service.family != family {
+    if port != flow.backend.port {
         return OK;
     }
     unsafe {
-        if family == FAMILY_V4 {
-            if core::ptr::read_volatile(&sa.user_ip4) != flow.backend.addr[0] {
+        if FAMILY == FAMILY_V4 {
+            if flow.service.family != FAMILY_V4
+                || core::ptr::read_volatile(&sa.user_ip4) != flow.backend.addr[0]
+            {
                 return OK;
             }
             core::ptr::write_volatile(&mut sa.user_ip4, flow.service.addr[0]);
         } else {
-            for i in 0..4 {
-                if core::ptr::read_volatile(&sa.user_ip6[i]) != flow.backend.addr[i] {
+            // An IPv4 flow on a dual-stack socket shows as mapped addresses.
+            let peer = v6_words(&flow.backend);
+            for (i, word) in peer.iter().enumerate() {
+                if core::ptr::read_volatile(&sa.user_ip6[i]) != *word {
                     return OK;
                 }
             }
-            for i in 0..4 {
-                core::ptr::write_volatile(&mut sa.user_ip6[i], flow.service.addr[i]);
+            let vip = Backend {
+                addr: flow.service.addr,
+                port: 0,
+                family: flow.service.family,
+                _pad: 0,
+            };
+            let vip = v6_words(&vip);
+            for (i, word) in vip.iter().enumerate() {
+                core::ptr::write_volatile(&mut sa.user_ip6[i], *word);
             }
         }
         core::ptr::write_volatile(&mut sa.user_port, flow.service.port as u32);

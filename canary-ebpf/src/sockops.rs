@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use canary_common::{CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM};
 
+use crate::connect::v4_mapped;
 use crate::maps::{COUNTERS, FLOWS, ORIG_DST};
 
 const AF_INET6: u32 = 10;
@@ -72,7 +73,13 @@ fn orig_key(ctx: &SockOpsContext) -> OrigKey {
     let (addr, family) = unsafe {
         if ctx.family() == AF_INET6 {
             let w = |i: usize| core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip6[i]));
-            ([w(0), w(1), w(2), w(3)], FAMILY_V6)
+            let words = [w(0), w(1), w(2), w(3)];
+            // A dual-stack client reached the shim's IPv4 listener: the
+            // shim sees it as an IPv4 peer.
+            match v4_mapped(&words) {
+                Some(v4) => ([v4, 0, 0, 0], FAMILY_V4),
+                None => (words, FAMILY_V6),
+            }
         } else {
             (
                 [

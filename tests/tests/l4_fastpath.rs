@@ -167,3 +167,53 @@ fn sockops_counters_equal_the_connections_made() {
         .sum();
     assert!(bytes > 1000 * 40, "bytes received from backends: {bytes}");
 }
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn a_dual_stack_socket_dialling_the_ipv4_vip_is_split_too() {
+    require_root();
+    let prefix = unique_prefix();
+    let world = start(&prefix);
+    let _agent = Agent::start(&prefix, &example("checkout"), &world.cgroup).expect("agent");
+    // gRPC's C core and Java dial IPv4 services through AF_INET6 sockets:
+    // ::ffff:10.96.0.10 must be the IPv4 service.
+    let script = r#"
+import json, socket
+seen, peers = {}, set()
+for _ in range(400):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.connect(("::ffff:10.96.0.10", 8080))
+    peers.add(s.getpeername()[0])
+    s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    version = data.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+    seen[version] = seen.get(version, 0) + 1
+print(json.dumps({"by_version": seen, "peers": sorted(peers)}))
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script]);
+    let out = canary_tests::run_in(
+        cmd,
+        Some(world.client.netns()),
+        Some(&world.cgroup),
+        Duration::from_secs(60),
+    )
+    .expect("python client");
+    let report: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        report["peers"],
+        serde_json::json!(["::ffff:10.96.0.10"]),
+        "getpeername shows the mapped VIP: {report}"
+    );
+    let v1 = report["by_version"]["v1"].as_u64().unwrap_or(0);
+    let v2 = report["by_version"]["v2"].as_u64().unwrap_or(0);
+    assert_eq!(v1 + v2, 400, "{report}");
+    // 90/10 within 4σ (σ = 6 over 400).
+    assert!((16..=64).contains(&v2), "v2 answered {v2} of 400: {report}");
+}

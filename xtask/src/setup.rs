@@ -52,7 +52,19 @@ pub fn build_tools() -> Result<()> {
 
 /// Everything the end-to-end tests and the demo use.
 pub fn test_tools() -> Result<()> {
-    ensure_packages(TEST_PACKAGES)
+    ensure_packages(TEST_PACKAGES)?;
+    // A real gRPC client and server (tests/grpc/echo.py) for the h2c tests.
+    ensure_python_module("grpc", "grpcio")
+}
+
+/// `pip install` a PyPI package unless `python3 -c "import MODULE"` works.
+pub fn ensure_python_module(module: &str, package: &str) -> Result<()> {
+    if ok(Command::new("python3").args(["-c", &format!("import {module}")])) {
+        say(format!("Python module {module} present"));
+        return Ok(());
+    }
+    say(format!("installing {package} from PyPI (pip)"));
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))
 }
 
 pub fn ensure_packages(packages: &[&str]) -> Result<()> {

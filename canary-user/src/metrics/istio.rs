@@ -7,7 +7,7 @@
 //! prometheus-client's encoder at scrape time.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
@@ -189,7 +189,7 @@ fn duration_ms(r: &RequestRecord) -> f64 {
 
 /// Hashes exactly the fields [`SeriesKey::matches`] compares.
 fn hash_record(r: &RequestRecord) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = FxHasher::default();
     r.source.hash(&mut h);
     r.destination.hash(&mut h);
     r.destination_service.hash(&mut h);
@@ -200,6 +200,54 @@ fn hash_record(r: &RequestRecord) -> u64 {
     r.grpc_status.hash(&mut h);
     r.response_flags.hash(&mut h);
     h.finish()
+}
+
+/// The multiply-rotate hash of rustc's `FxHasher`: several times faster
+/// than SipHash on short strings. Label values come from config and
+/// response codes, not from what a client sends, and a collision only
+/// costs a compare, so hash flooding is no concern.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(tail));
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 // === impl SeriesKey ===
