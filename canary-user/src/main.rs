@@ -82,6 +82,23 @@ struct AgentArgs {
     /// HTTP routing.
     #[arg(long, default_value_t = 15001)]
     shim_port: u16,
+    /// Suffix appended to the Host/:authority of mirrored requests, as Envoy
+    /// and Istio ≤ 1.27 do; `--mirror-host-suffix ''` sends them unchanged
+    /// (Istio ≥ 1.28's default).
+    #[arg(long, default_value = "-shadow")]
+    mirror_host_suffix: String,
+    /// Pick the subset at random per request even with a consistentHash,
+    /// as Istio does (by default canary's hash also picks the subset, so a
+    /// session stays on one version).
+    #[arg(long)]
+    istio_random_subsets: bool,
+    /// Mirror copies in flight at most; more are dropped and counted.
+    #[arg(long, default_value_t = 256)]
+    max_mirrors_in_flight: usize,
+    /// Request bodies up to this size are buffered so they can be retried
+    /// and mirrored; larger ones are neither.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_retry_body_bytes: usize,
     /// Detach and unpin everything canary put in the kernel, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -141,7 +158,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir: a.state_dir,
                 kernel_log_level: a.kernel_log_level,
                 shim_port: a.shim_port,
-                shim: canary::shim::ShimOptions::default(),
+                shim: canary::shim::ShimOptions {
+                    mirror_host_suffix: (!a.mirror_host_suffix.is_empty())
+                        .then_some(a.mirror_host_suffix),
+                    sticky_subsets: !a.istio_random_subsets,
+                    max_mirrors_in_flight: a.max_mirrors_in_flight,
+                    max_retry_body_bytes: a.max_retry_body_bytes,
+                    ..Default::default()
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)

@@ -206,13 +206,18 @@ fn a_hanging_mirror_target_does_not_delay_or_fail_the_primary() {
         mirrored.ok, 500,
         "no primary request may fail: {mirrored:?}"
     );
-    // A ratio, not an absolute time: a primary that waited for its mirror
-    // would put 5 s into the p99 (10% of requests are mirrored).
-    let ratio = mirrored.p99_ms / unmirrored.p99_ms.max(1.0);
+    // Ratios, not absolute times. A primary that waited for its mirror
+    // would put the 5 s delay into the p99 (10% of requests are mirrored),
+    // a thousand times the un-mirrored p99; scheduling noise on a busy
+    // machine stays well under ten times (floored at 10 ms).
+    let median_ratio = mirrored.p50_ms / unmirrored.p50_ms.max(0.5);
+    let p99_ratio = mirrored.p99_ms / unmirrored.p99_ms.max(10.0);
     assert!(
-        ratio < 5.0,
-        "p99 with a hanging mirror {:.2} ms vs {:.2} ms without (ratio {ratio:.1})",
+        median_ratio < 5.0 && p99_ratio < 10.0,
+        "with a hanging mirror: p50 {:.2} ms, p99 {:.2} ms; without: p50 {:.2} ms, p99 {:.2} ms",
+        mirrored.p50_ms,
         mirrored.p99_ms,
+        unmirrored.p50_ms,
         unmirrored.p99_ms
     );
 }

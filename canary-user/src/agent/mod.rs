@@ -79,6 +79,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 // Pods come and go: their namespaces are rescanned when the
                 // listing changes.
                 agent.refresh_namespaces().await;
+                agent.sync_ejections();
                 let now = watch::fingerprint(&opts.config);
                 if now != seen {
                     seen = now;

@@ -103,12 +103,16 @@ pub fn file_weights(table: &RoutingTable, host: &str, route: Option<&str>) -> Ve
     let Some(svc) = table.find(host) else {
         return Vec::new();
     };
-    svc.ports
+    // A named route may be a port's kernel route or any weighted http rule.
+    let found = svc
+        .ports
         .iter()
-        .find(|p| route.is_none() || p.route.name.as_deref() == route)
-        .map(|p| {
-            p.route
-                .destinations
+        .map(|p| &p.route)
+        .chain(&svc.http_routes)
+        .find(|r| route.is_none() || r.name.as_deref() == route);
+    found
+        .map(|r| {
+            r.destinations
                 .iter()
                 .map(|d| {
                     (

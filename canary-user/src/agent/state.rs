@@ -31,6 +31,9 @@ struct Inner {
     shim_port: u16,
     /// The last config that passed validation.
     cfg: Option<Arc<LoadedConfig>>,
+    /// Endpoints the shim's outlier detection has ejected: kept out of the
+    /// kernel's tables too.
+    ejected: Ejected,
     /// Compiled from the last config that passed validation.
     file_table: Option<RoutingTable>,
     overrides: Overrides,
@@ -55,6 +58,7 @@ impl Agent {
                 shim: shim.clone(),
                 shim_port: opts.shim_port,
                 cfg: None,
+                ejected: Ejected::new(),
                 file_table: None,
                 overrides,
                 live: RoutingTable::default(),
@@ -151,6 +155,24 @@ impl Agent {
         self.shim.sync(Some(namespaces)).await;
     }
 
+    /// Mirrors the shim's outlier ejections into the kernel's tables.
+    pub fn sync_ejections(&self) {
+        let now: Ejected = self.shim.shim.ejected().into_iter().collect();
+        let mut inner = self.lock();
+        if now == inner.ejected {
+            return;
+        }
+        tracing::info!(
+            ejected = now.len(),
+            "outlier ejections changed; updating kernel tables"
+        );
+        inner.ejected = now;
+        let live = inner.live.clone();
+        if let Err(e) = inner.push(live) {
+            tracing::warn!("cannot apply outlier ejections to the kernel: {e:#}");
+        }
+    }
+
     fn set_weights(
         &self,
         host: &str,
@@ -215,7 +237,7 @@ impl Agent {
 
 impl Inner {
     fn push(&mut self, table: RoutingTable) -> Result<()> {
-        let routes = encode(&table, Some(self.shim_port));
+        let routes = encode(&without(&table, &self.ejected), Some(self.shim_port));
         let stats = self.dataplane.apply(&routes)?;
         tracing::debug!(?stats, "kernel maps updated");
         if let Some(cfg) = &self.cfg {
@@ -272,6 +294,26 @@ impl Handler for Agent {
             Err(e) => Response::error(format!("{e:#}")),
         }
     }
+}
+
+/// (service host, subset, endpoint) ejected by outlier detection.
+type Ejected = std::collections::BTreeSet<(String, Option<String>, std::net::SocketAddr)>;
+
+/// The table the kernel gets: `table` without ejected endpoints.
+fn without(table: &RoutingTable, ejected: &Ejected) -> RoutingTable {
+    let mut t = table.clone();
+    if ejected.is_empty() {
+        return t;
+    }
+    for svc in &mut t.services {
+        for port in &mut svc.ports {
+            for d in &mut port.route.destinations {
+                d.endpoints
+                    .retain(|e| !ejected.contains(&(d.host.clone(), d.subset.clone(), e.addr)));
+            }
+        }
+    }
+    t
 }
 
 fn hosts(t: &RoutingTable) -> String {

@@ -18,6 +18,9 @@ pub(crate) fn data_path(
         for (i, r) in vs.spec.http.iter().enumerate() {
             http_reasons(i, r, &mut reasons);
         }
+        if vs.per_request_split && !vs.spec.http.is_empty() {
+            reasons.push(format!("{}: per-request", crate::config::annotation::SPLIT));
+        }
     }
 
     // A hash on a header, cookie or query parameter needs the request. It

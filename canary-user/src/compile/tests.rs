@@ -798,3 +798,25 @@ fn apply_weights_rejects_an_ambiguous_subset_name() {
         .collect();
     assert_eq!(weights, vec![10, 90]);
 }
+
+#[test]
+fn the_split_annotation_moves_a_weighted_route_to_the_shim_and_rejects_typos() {
+    let per_request = VS_9010.replace(
+        "  namespace: prod\n",
+        "  namespace: prod\n  annotations:\n    canary.io/split: per-request\n",
+    );
+    let table = compile(&must_load(&per_request));
+    assert_eq!(
+        reasons(&table, CHECKOUT),
+        vec!["canary.io/split: per-request"]
+    );
+    let per_connection = per_request.replace("per-request", "per-connection");
+    assert!(reasons(&compile(&must_load(&per_connection)), CHECKOUT).is_empty());
+    let typo = per_request.replace("per-request", "per_request");
+    let errors = crate::config::tests::must_fail(&typo);
+    let text = errors.to_string();
+    assert!(
+        text.contains("canary.io/split") && text.contains("per-request"),
+        "{text}"
+    );
+}

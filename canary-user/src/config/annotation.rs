@@ -31,6 +31,12 @@ use super::istio::HttpRetry;
 /// The annotation key.
 pub const DESTINATION_POLICY: &str = "canary.io/destination-policy";
 
+/// `canary.io/split` on a VirtualService: `per-connection` (the default: an
+/// http route that only splits by weight is served in the kernel, once per
+/// connection) or `per-request` (send it through the shim for Istio's
+/// per-request split).
+pub const SPLIT: &str = "canary.io/split";
+
 /// One entry of the `canary.io/destination-policy` list.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]

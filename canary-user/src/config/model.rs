@@ -284,6 +284,9 @@ pub struct VirtualService {
     /// canary extension: per-destination timeout and retries, from the
     /// `canary.io/destination-policy` annotation (hosts resolved).
     pub destination_policies: Vec<crate::config::annotation::DestinationPolicy>,
+    /// canary extension (`canary.io/split: per-request`): serve weighted
+    /// http routes in the shim, per request, as Istio does.
+    pub per_request_split: bool,
 }
 
 // === The loaded config ===

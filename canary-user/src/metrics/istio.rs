@@ -125,27 +125,17 @@ impl RequestTable {
     /// Counts one request; `live` also feeds the status view.
     pub fn record(&self, r: &RequestRecord, live: Option<&LiveTable>) {
         let hash = hash_record(r);
-        let found = {
+        {
             let map = self.series.read().unwrap_or_else(|e| e.into_inner());
-            map.get(&hash)
-                .and_then(|bucket| bucket.iter().find(|s| s.key.matches(r)).cloned())
-        };
-        let series = match found {
-            Some(series) => series,
-            None => self.insert(hash, r, live),
-        };
-        series.observe(r);
-        if let Some(live) = live {
-            let ms = duration_ms(r);
-            match &series.live {
-                Some((subset, ring)) if *subset == r.subset => {
-                    ring.record(live.now(), r.response_code, ms)
-                }
-                _ => live
-                    .ring(&r.destination_service, r.subset.as_deref())
-                    .record(live.now(), r.response_code, ms),
+            if let Some(series) = map
+                .get(&hash)
+                .and_then(|bucket| bucket.iter().find(|s| s.key.matches(r)))
+            {
+                series.observe(r, live);
+                return;
             }
         }
+        self.insert(hash, r, live).observe(r, live);
     }
 
     #[cold]
@@ -187,18 +177,16 @@ fn duration_ms(r: &RequestRecord) -> f64 {
     r.duration.as_secs_f64() * 1000.0
 }
 
-/// Hashes exactly the fields [`SeriesKey::matches`] compares.
+/// Hashes the fields that usually tell series apart; the others are
+/// compared on lookup (a shared hash only lengthens a bucket).
 fn hash_record(r: &RequestRecord) -> u64 {
     let mut h = FxHasher::default();
-    r.source.hash(&mut h);
-    r.destination.hash(&mut h);
-    r.destination_service.hash(&mut h);
-    r.destination_service_name.hash(&mut h);
-    r.destination_service_namespace.hash(&mut h);
-    r.protocol.hash(&mut h);
     r.response_code.hash(&mut h);
-    r.grpc_status.hash(&mut h);
     r.response_flags.hash(&mut h);
+    r.destination_service.hash(&mut h);
+    r.destination.workload.hash(&mut h);
+    r.destination.version.hash(&mut h);
+    r.source.workload.hash(&mut h);
     h.finish()
 }
 
@@ -221,7 +209,9 @@ impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
-            self.add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+            self.add(u64::from_le_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]));
         }
         let mut tail = [0u8; 8];
         let rest = chunks.remainder();
@@ -334,16 +324,26 @@ impl EncodeLabelSet for SeriesKey {
 // === impl RequestSeries ===
 
 impl RequestSeries {
-    fn observe(&self, r: &RequestRecord) {
+    fn observe(&self, r: &RequestRecord, live: Option<&LiveTable>) {
         self.requests.fetch_add(1, Relaxed);
+        let ms = duration_ms(r);
         let micros = u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX);
-        self.duration.observe(duration_ms(r), micros);
+        self.duration.observe(ms, micros);
         self.request_bytes
             .observe(r.request_bytes as f64, r.request_bytes.saturating_mul(1000));
         self.response_bytes.observe(
             r.response_bytes as f64,
             r.response_bytes.saturating_mul(1000),
         );
+        let Some(live) = live else { return };
+        match &self.live {
+            Some((subset, ring)) if *subset == r.subset => {
+                ring.record(live.now(), r.response_code, ms)
+            }
+            _ => live
+                .ring(&r.destination_service, r.subset.as_deref())
+                .record(live.now(), r.response_code, ms),
+        }
     }
 }
 

@@ -952,7 +952,13 @@ async fn serve_reports_a_taken_address() {
 fn scratch_cost_of_on_request() {
     let m = Metrics::new();
     let recs: Vec<RequestRecord> = (0..8)
-        .map(|i| request(if i % 2 == 0 { "v1" } else { "v2" }, 200 + (i as u16 % 4) * 100, 5))
+        .map(|i| {
+            request(
+                if i % 2 == 0 { "v1" } else { "v2" },
+                200 + (i as u16 % 4) * 100,
+                5,
+            )
+        })
         .collect();
     for r in &recs {
         m.on_request(r);

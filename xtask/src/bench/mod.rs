@@ -21,6 +21,7 @@
 //! connections (`canary-probe --timeline`). Results go to stdout,
 //! `target/bench/l4.md` and `target/bench/l4.json`.
 
+mod bpfstats;
 mod configs;
 mod cpu;
 mod iptables;
@@ -46,7 +47,7 @@ use world::{Client, ClientId, World};
 use wrk::{Load, Mode, WrkResult};
 
 /// Debian packages the bench drives.
-const PACKAGES: &[&str] = &["wrk", "iptables"];
+const PACKAGES: &[&str] = &["wrk", "iptables", "bpftool"];
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -379,7 +380,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     sanity(&world, &bins, &mut results)?;
-    throughput(&world, &mut results)?;
+    say("bench: turning on the kernel's BPF run-time accounting for the run (BPF_ENABLE_STATS)");
+    let _stats = bpfstats::StatsGuard::enable()?;
+    let programs = (
+        bpfstats::agent_programs(&world.small.pin_path)?,
+        bpfstats::agent_programs(&world.large.pin_path)?,
+    );
+    throughput(&world, &programs, &mut results)?;
     connect_timing(&world, &bins, args.connects, &mut results)?;
     if args.only.is_empty() || args.only.iter().any(|o| o == "weights") {
         results.weights = weights_latency(&world, &bins)?;
@@ -583,8 +590,13 @@ fn sanity(world: &World, bins: &Bins, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-/// `rounds` × every scenario × both modes, with wrk.
-fn throughput(world: &World, results: &mut Results) -> Result<()> {
+/// `rounds` × every scenario × both modes, with wrk. `programs` are the
+/// small and the large agent's kernel programs.
+fn throughput(
+    world: &World,
+    programs: &(bpfstats::Programs, bpfstats::Programs),
+    results: &mut Results,
+) -> Result<()> {
     let n = results.scenarios.len();
     let per_run = results.load.duration.as_secs_f64();
     say(format!(
@@ -601,9 +613,15 @@ fn throughput(world: &World, results: &mut Results) -> Result<()> {
             } else {
                 [Mode::KeepAlive, Mode::NewConn]
             };
+            let progs = match s.client {
+                ClientId::CanarySmall => Some(&programs.0),
+                ClientId::CanaryLarge => Some(&programs.1),
+                _ => None,
+            };
             for mode in modes {
                 check_interrupted()?;
-                let r = results
+                let before = progs.map(|_| bpfstats::snapshot()).transpose()?;
+                let mut r = results
                     .load
                     .run(
                         &world.client(s.client),
@@ -612,6 +630,9 @@ fn throughput(world: &World, results: &mut Results) -> Result<()> {
                         mode,
                     )
                     .with_context(|| format!("{} ({})", s.label, mode.key()))?;
+                if let (Some(ids), Some(before)) = (progs, before) {
+                    r.bpf = Some(bpfstats::delta(&before, &bpfstats::snapshot()?, ids));
+                }
                 say(format!(
                     "bench:   round {}/{} {:<28} {:<10} {:>9.0} req/s {:>6.1} µs CPU/req, others {:>3.0}%{}",
                     round + 1,

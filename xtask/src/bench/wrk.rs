@@ -1,6 +1,7 @@
 //! One `wrk` run from inside a client namespace and cgroup, and what it
 //! printed.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -55,6 +56,9 @@ pub struct WrkResult {
     /// Busy time of the whole machine during the run, µs.
     pub machine_busy_us: u64,
     pub wall_us: u64,
+    /// Run time (ns) and runs of each of canary's kernel programs during
+    /// the run, when the client's cgroup has them.
+    pub bpf: Option<BTreeMap<String, (u64, u64)>>,
 }
 
 // === impl Mode ===
@@ -127,6 +131,18 @@ impl WrkResult {
         (self.client_cpu_us + self.server_cpu_us) as f64 / self.requests.max(1) as f64
     }
 
+    /// Nanoseconds of canary's kernel programs per request.
+    pub fn bpf_ns_per_request(&self) -> Option<f64> {
+        let ns: u64 = self.bpf.as_ref()?.values().map(|(ns, _)| ns).sum();
+        Some(ns as f64 / self.requests.max(1) as f64)
+    }
+
+    /// Runs of canary's kernel programs per request.
+    pub fn bpf_runs_per_request(&self) -> Option<f64> {
+        let runs: u64 = self.bpf.as_ref()?.values().map(|(_, runs)| runs).sum();
+        Some(runs as f64 / self.requests.max(1) as f64)
+    }
+
     /// Share of the watched CPUs (`cpus` of them) that was busy with
     /// something other than this run's client and backends.
     pub fn background_share(&self, cpus: usize) -> f64 {
@@ -156,6 +172,14 @@ impl WrkResult {
             "busy_us": self.busy_us,
             "machine_busy_us": self.machine_busy_us,
             "wall_us": self.wall_us,
+            "bpf_ns_per_request": self.bpf_ns_per_request(),
+            "bpf_runs_per_request": self.bpf_runs_per_request(),
+            "bpf_programs": self.bpf.as_ref().map(|progs| {
+                progs
+                    .iter()
+                    .map(|(name, (ns, runs))| (name.clone(), json!({"ns": ns, "runs": runs})))
+                    .collect::<serde_json::Map<_, _>>()
+            }),
             "requests_per_sec": self.requests_per_sec,
             "requests": self.requests,
             "socket_errors": self.socket_errors,

@@ -4,13 +4,35 @@
 use std::collections::BTreeMap;
 
 use super::http::{duration_field, retry};
-use crate::config::annotation::{DESTINATION_POLICY, DestinationPolicy};
+use crate::config::annotation::{DESTINATION_POLICY, DestinationPolicy, SPLIT};
 use crate::config::error::{Diagnostics, Origin};
 use crate::config::host;
 use crate::config::istio::VirtualServiceSpec;
 
 const VALID: &str = "a YAML list of {route, host, subset, timeout, retries} entries, e.g. \
                      [{route: public-traffic-split, subset: v2, timeout: 2s}]";
+
+/// `canary.io/split`: true for `per-request`, false for `per-connection` or
+/// when absent; any other value is an error.
+pub(super) fn per_request_split(
+    at: &Origin,
+    annotations: &BTreeMap<String, String>,
+    diags: &mut Diagnostics,
+) -> bool {
+    match annotations.get(SPLIT).map(|v| v.trim()) {
+        None | Some("per-connection") => false,
+        Some("per-request") => true,
+        Some(other) => {
+            diags.error(
+                at,
+                &format!("metadata.annotations.{SPLIT}"),
+                format!("unknown split mode {other:?}"),
+                "per-connection (default: weighted http routes split in the kernel) or per-request (through the shim, as Istio)",
+            );
+            false
+        }
+    }
+}
 
 /// Parses and checks `canary.io/destination-policy`; returns the entries
 /// with hosts resolved (none when the annotation is absent or broken).

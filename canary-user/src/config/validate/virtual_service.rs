@@ -220,11 +220,13 @@ fn virtual_service(
 
     let destination_policies =
         super::annotation::destination_policies(&at, &annotations, &spec, &meta.namespace, diags);
+    let per_request_split = super::annotation::per_request_split(&at, &annotations, diags);
     mesh.then_some(VirtualService {
         meta,
         hosts,
         spec,
         destination_policies,
+        per_request_split,
     })
 }
 
