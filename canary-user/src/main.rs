@@ -52,6 +52,9 @@ enum Command {
         /// Print the full report as JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh in place every SECONDS (default 2) until Ctrl-C, like `top`.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -82,6 +85,9 @@ struct AgentArgs {
     /// HTTP routing.
     #[arg(long, default_value_t = 15001)]
     shim_port: u16,
+    /// Prometheus metrics (Istio's names), /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    metrics_addr: std::net::SocketAddr,
     /// Suffix appended to the Host/:authority of mirrored requests, as Envoy
     /// and Istio ≤ 1.27 do; `--mirror-host-suffix ''` sends them unchanged
     /// (Istio ≥ 1.28's default).
@@ -158,6 +164,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir: a.state_dir,
                 kernel_log_level: a.kernel_log_level,
                 shim_port: a.shim_port,
+                metrics_addr: a.metrics_addr,
                 shim: canary::shim::ShimOptions {
                     mirror_host_suffix: (!a.mirror_host_suffix.is_empty())
                         .then_some(a.mirror_host_suffix),
@@ -211,15 +218,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", response.message.unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json, admin_socket } => {
-            let response = admin::client::call(&admin_socket, &Request::Status)?;
-            let status = response.status.context("the agent sent no status")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", admin::render::status_table(&status));
+        Command::Status {
+            json,
+            watch,
+            admin_socket,
+        } => {
+            loop {
+                let response = admin::client::call(&admin_socket, &Request::Status)?;
+                let status = response.status.context("the agent sent no status")?;
+                let text = if json {
+                    format!("{}\n", serde_json::to_string_pretty(&status)?)
+                } else {
+                    admin::render::status_table(&status)
+                };
+                match watch {
+                    None => {
+                        print!("{text}");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some(secs) => {
+                        // Clear the screen and redraw from the top.
+                        print!("\x1b[2J\x1b[H{text}");
+                        std::io::Write::flush(&mut std::io::stdout())?;
+                        std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
+                    }
+                }
             }
-            Ok(ExitCode::SUCCESS)
         }
     }
 }

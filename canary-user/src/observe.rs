@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 /// A workload as Istio's metric labels describe it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Workload {
     /// Deployment-like name (the pod's owner with the ReplicaSet hash
     /// removed, else its `app` label, else the pod name); "unknown" if not

@@ -28,6 +28,8 @@ pub struct Agent {
     pub pin_path: PathBuf,
     pub run_dir: PathBuf,
     pub log: PathBuf,
+    /// Where this agent serves `/metrics` (a free loopback port).
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 impl Agent {
@@ -62,6 +64,7 @@ impl Agent {
             pin_path,
             log: run_dir.join("agent.log"),
             run_dir,
+            metrics_addr: free_loopback_port()?,
         };
         agent.spawn()?;
         Ok(agent)
@@ -96,6 +99,8 @@ impl Agent {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.run_dir.join("state"))
+            .arg("--metrics-addr")
+            .arg(self.metrics_addr.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -206,6 +211,12 @@ impl Drop for Agent {
             .status();
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
+}
+
+/// A loopback address with a port nobody listens on right now.
+fn free_loopback_port() -> Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
 }
 
 /// Walks a status report: the destinations of `host`'s first port.

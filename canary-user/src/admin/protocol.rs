@@ -88,6 +88,10 @@ pub struct DestinationStatus {
     pub percent: f64,
     pub pick: String,
     pub counters: Totals,
+    /// Requests/s, 5xx rate, p99 and connections/s over the last seconds
+    /// (HTTP numbers for services the shim serves).
+    #[serde(default)]
+    pub live: Option<crate::metrics::LiveStats>,
     pub endpoints: Vec<EndpointStatus>,
 }
 

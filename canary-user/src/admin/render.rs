@@ -36,8 +36,19 @@ pub fn status_table(s: &StatusReport) -> String {
             let _ = writeln!(out, "  port {}  {}", port.port, route_line(port));
             let _ = writeln!(
                 out,
-                "    {:<12} {:>7} {:>8} {:>9} {:>8} {:>8} {:>8} {:>11}",
-                "SUBSET", "WEIGHT", "SHARE", "OPENED", "ACTIVE", "FAILED", "NO-EP", "PODS"
+                "    {:<12} {:>7} {:>8} {:>9} {:>8} {:>8} {:>8} {:>5} {:>8} {:>8} {:>6} {:>9}",
+                "SUBSET",
+                "WEIGHT",
+                "SHARE",
+                "OPENED",
+                "ACTIVE",
+                "FAILED",
+                "NO-EP",
+                "PODS",
+                "CONN/S",
+                "REQ/S",
+                "5XX%",
+                "P99(ms)"
             );
             for d in &port.destinations {
                 let name = d.subset.clone().unwrap_or_else(|| d.host.clone());
@@ -46,9 +57,11 @@ pub fn status_table(s: &StatusReport) -> String {
                 } else {
                     d.weight.to_string()
                 };
+                let live = d.live.unwrap_or_default();
+                let rate = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 let _ = writeln!(
                     out,
-                    "    {:<12} {:>7} {:>7.1}% {:>9} {:>8} {:>8} {:>8} {:>11}",
+                    "    {:<12} {:>7} {:>7.1}% {:>9} {:>8} {:>8} {:>8} {:>5} {:>8} {:>8} {:>6} {:>9}",
                     name,
                     weight,
                     d.percent,
@@ -56,7 +69,11 @@ pub fn status_table(s: &StatusReport) -> String {
                     d.counters.active,
                     d.counters.failed,
                     d.counters.no_endpoint,
-                    pods(d)
+                    pods(d),
+                    rate(live.connections_per_sec),
+                    rate((live.requests > 0).then_some(live.requests_per_sec)),
+                    rate((live.requests > 0).then_some(100.0 * live.error_rate)),
+                    rate(live.p99_ms),
                 );
             }
         }

@@ -6,6 +6,7 @@ mod netns;
 mod overrides;
 mod shim_host;
 mod state;
+mod telemetry;
 mod watch;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ pub struct AgentOptions {
     pub kernel_log_level: KernelLogLevel,
     /// Port of the shim's listeners on each client namespace's loopback.
     pub shim_port: u16,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: std::net::SocketAddr,
     pub shim: crate::shim::ShimOptions,
 }
 
@@ -49,12 +52,24 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let orig = crate::dataplane::orig_dst::OrigDst::open(&opts.pin_path)?;
     let own_cookie = crate::dataplane::identities::own_cookie()
         .context("reading our network namespace cookie")?;
-    let observer: Arc<dyn crate::observe::RequestObserver> = Arc::new(crate::observe::NoopObserver);
+    let metrics = crate::metrics::Metrics::new();
+    let observer: Arc<dyn crate::observe::RequestObserver> = metrics.clone();
     let shim_options = opts.shim.clone();
     let shim = shim_host::ShimHost::new(opts.shim_port, orig, own_cookie, move |connector| {
         crate::shim::Shim::new(shim_options, connector, observer)
     })?;
-    let agent = Arc::new(Agent::new(opts.clone(), dataplane, overrides, shim));
+    let agent = Arc::new(Agent::new(
+        opts.clone(),
+        dataplane,
+        overrides,
+        shim,
+        metrics.clone(),
+    ));
+    {
+        // Every scrape sees the kernel counters as they are now.
+        let agent = agent.clone();
+        metrics.on_scrape(move |_| agent.export_kernel_metrics());
+    }
 
     // A bad config at start is reported but not fatal: whatever a previous
     // agent left in the kernel keeps serving until the files are fixed.
@@ -66,6 +81,20 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
     // The socket appears only once the first config is in the kernel, so
     // "socket answers" means "ready".
+    let ready: crate::metrics::Readiness = {
+        let agent = agent.clone();
+        Arc::new(move || agent.ready())
+    };
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", opts.metrics_addr))?;
+    tokio::spawn(crate::metrics::serve_listener(
+        metrics_listener,
+        metrics.clone(),
+        ready,
+    ));
+    tracing::info!(addr = %opts.metrics_addr, "metrics at /metrics, /healthz, /readyz");
+
     let listener = server::bind(&opts.admin_socket)?;
     let _socket = SocketGuard(opts.admin_socket.clone());
     tokio::spawn(server::serve(listener, agent.clone()));

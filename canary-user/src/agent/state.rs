@@ -17,9 +17,11 @@ use crate::compile::{DataPath, EndpointPick, RoutingTable, apply_weights, compil
 use crate::config::{LoadedConfig, load_path};
 use crate::dataplane::encode::{backend, service_key};
 use crate::dataplane::{Dataplane, encode, identities};
+use crate::metrics::Metrics;
 
 pub struct Agent {
     opts: AgentOptions,
+    metrics: Arc<Metrics>,
     inner: Mutex<Inner>,
     shim: Arc<ShimHost>,
     netns_listing: Mutex<Option<Vec<(String, u64)>>>,
@@ -34,6 +36,7 @@ struct Inner {
     /// Endpoints the shim's outlier detection has ejected: kept out of the
     /// kernel's tables too.
     ejected: Ejected,
+    metrics: Arc<Metrics>,
     /// Compiled from the last config that passed validation.
     file_table: Option<RoutingTable>,
     overrides: Overrides,
@@ -51,14 +54,17 @@ impl Agent {
         dataplane: Dataplane,
         overrides: Overrides,
         shim: Arc<ShimHost>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics: metrics.clone(),
             inner: Mutex::new(Inner {
                 dataplane,
                 shim: shim.clone(),
                 shim_port: opts.shim_port,
                 cfg: None,
                 ejected: Ejected::new(),
+                metrics,
                 file_table: None,
                 overrides,
                 live: RoutingTable::default(),
@@ -103,6 +109,7 @@ impl Agent {
                 inner.file_table = Some(file_table);
                 Ok(())
             });
+        inner.metrics.config_reload(result.is_ok());
         match &result {
             Ok(()) => {
                 inner.last_error = None;
@@ -219,7 +226,27 @@ impl Agent {
         ))
     }
 
+    /// `/readyz`: programs attached (the agent would not run otherwise)
+    /// and a config loaded.
+    pub fn ready(&self) -> Result<(), String> {
+        match &self.lock().file_table {
+            Some(_) => Ok(()),
+            None => Err("no valid config loaded yet".into()),
+        }
+    }
+
+    /// Refreshes the kernel TCP series (called at every scrape and status).
+    pub fn export_kernel_metrics(&self) {
+        let inner = self.lock();
+        let Ok(counters) = inner.dataplane.counters() else {
+            return;
+        };
+        let services = service_status(&inner.live, &counters, &inner.overrides);
+        super::telemetry::export(&self.metrics, inner.cfg.as_deref(), &inner.live, &services);
+    }
+
     pub fn status(&self) -> Result<StatusReport> {
+        self.export_kernel_metrics();
         let inner = self.lock();
         let counters = inner.dataplane.counters()?;
         Ok(StatusReport {
@@ -230,7 +257,10 @@ impl Agent {
             reloads: inner.reloads,
             rejected_reloads: inner.rejected,
             last_error: inner.last_error.clone(),
-            services: service_status(&inner.live, &counters, &inner.overrides),
+            services: with_live(
+                service_status(&inner.live, &counters, &inner.overrides),
+                &self.metrics,
+            ),
         })
     }
 }
@@ -238,7 +268,9 @@ impl Agent {
 impl Inner {
     fn push(&mut self, table: RoutingTable) -> Result<()> {
         let routes = encode(&without(&table, &self.ejected), Some(self.shim_port));
+        let started = std::time::Instant::now();
         let stats = self.dataplane.apply(&routes)?;
+        self.metrics.map_update(started.elapsed().as_secs_f64());
         tracing::debug!(?stats, "kernel maps updated");
         if let Some(cfg) = &self.cfg {
             for w in self.shim.shim.update(cfg, &table) {
@@ -294,6 +326,16 @@ impl Handler for Agent {
             Err(e) => Response::error(format!("{e:#}")),
         }
     }
+}
+
+/// Adds the live request and connection rates to each destination.
+fn with_live(mut services: Vec<ServiceStatus>, metrics: &Metrics) -> Vec<ServiceStatus> {
+    for svc in &mut services {
+        for d in svc.ports.iter_mut().flat_map(|p| &mut p.destinations) {
+            d.live = Some(metrics.live(&svc.host, d.subset.as_deref()));
+        }
+    }
+    services
 }
 
 /// (service host, subset, endpoint) ejected by outlier detection.
@@ -411,6 +453,7 @@ fn service_status(
                                 },
                                 counters,
                                 endpoints,
+                                live: None,
                             }
                         })
                         .collect();

@@ -535,6 +535,36 @@ fn the_scrape_hook_runs_before_every_render() {
 }
 
 #[test]
+fn records_differing_in_any_label_get_their_own_series() {
+    let m = Metrics::new();
+    let base = request("v1", 200, 1);
+    let mut other_ns = base.clone();
+    other_ns.source.namespace = "staging".into();
+    let mut other_app = base.clone();
+    other_app.destination.app = "checkout".into();
+    let mut grpc = base.clone();
+    grpc.grpc_status = Some("0".into());
+    for r in [&base, &other_ns, &other_app, &grpc, &base] {
+        m.on_request(r);
+    }
+    let text = m.render();
+    let all = samples(&text, "istio_requests_total");
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(
+        value(
+            &text,
+            "istio_requests_total",
+            &[
+                ("source_workload_namespace", "prod"),
+                ("destination_app", "checkout-service"),
+                ("grpc_response_status", "")
+            ]
+        ),
+        2.0
+    );
+}
+
+#[test]
 fn concurrent_requests_are_all_counted() {
     let m = Metrics::new();
     std::thread::scope(|s| {
@@ -945,34 +975,4 @@ async fn serve_reports_a_taken_address() {
         .expect_err("address in use");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
-}
-
-#[test]
-#[ignore]
-fn scratch_cost_of_on_request() {
-    let m = Metrics::new();
-    let recs: Vec<RequestRecord> = (0..8)
-        .map(|i| {
-            request(
-                if i % 2 == 0 { "v1" } else { "v2" },
-                200 + (i as u16 % 4) * 100,
-                5,
-            )
-        })
-        .collect();
-    for r in &recs {
-        m.on_request(r);
-    }
-    let n = 2_000_000;
-    let t = std::time::Instant::now();
-    for i in 0..n {
-        m.on_request(&recs[i % recs.len()]);
-    }
-    let per = t.elapsed() / n as u32;
-    eprintln!("SCRATCH on_request: {per:?} per call");
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(super::istio::scratch_hash(&recs[0]));
-    }
-    eprintln!("SCRATCH hash: {:?} per call", t.elapsed() / n as u32);
 }

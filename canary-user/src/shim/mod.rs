@@ -212,7 +212,7 @@ impl Shim {
         let source = conn
             .source_pod
             .as_ref()
-            .map(|p| table::workload(&p.name, &p.namespace, Some(&p.labels), None))
+            .map(|p| crate::metrics::workload_of(&p.name, &p.namespace, &p.labels, &[]))
             .unwrap_or_else(Workload::unknown);
         let ctx = Arc::new(ConnCtx { info: conn, source });
         let shim = self.clone();

@@ -429,10 +429,14 @@ impl<'a> Builder<'a> {
                 let hkey = (host.to_string(), subset.map(str::to_string), e.addr);
                 let health = self.old_health.get(&hkey).cloned().unwrap_or_default();
                 self.health.insert(hkey, health.clone());
-                let labels = pod_labels(cfg, &e.namespace, &e.pod);
                 Endpoint {
                     addr: e.addr,
-                    workload: workload(&e.pod, &e.namespace, labels, subset_version.as_deref()),
+                    workload: endpoint_workload(
+                        cfg,
+                        &e.namespace,
+                        &e.pod,
+                        subset_version.as_deref(),
+                    ),
                     pod: e.pod,
                     health,
                 }
@@ -497,52 +501,17 @@ fn dest_port(cfg: &LoadedConfig, d: Option<&Destination>, host: &str, listener: 
     }
 }
 
-fn pod_labels<'a>(
-    cfg: &'a LoadedConfig,
-    ns: &str,
-    name: &str,
-) -> Option<&'a BTreeMap<String, String>> {
-    cfg.pods
+/// The destination labels of an endpoint: its pod's workload (one rule for
+/// HTTP and TCP series, `metrics::workload_of`), with the subset's version.
+fn endpoint_workload(cfg: &LoadedConfig, ns: &str, name: &str, version: Option<&str>) -> Workload {
+    let mut w = cfg
+        .pods
         .iter()
         .find(|p| p.meta.namespace == ns && p.meta.name == name)
-        .map(|p| &p.meta.labels)
-}
-
-/// A workload as Istio's metric labels name it, from a pod's name and
-/// labels: the Deployment name when the pod name has the ReplicaSet form
-/// (`name-<hash>-<5 chars>`), else the `app` label, else the pod name.
-pub(crate) fn workload(
-    pod: &str,
-    namespace: &str,
-    labels: Option<&BTreeMap<String, String>>,
-    version: Option<&str>,
-) -> Workload {
-    let label = |keys: &[&str]| {
-        keys.iter()
-            .find_map(|k| labels.and_then(|l| l.get(*k)).cloned())
-    };
-    let app = label(&["app", "app.kubernetes.io/name"]);
-    let parts: Vec<&str> = pod.split('-').collect();
-    let alnum = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    };
-    let deployment = (parts.len() >= 3
-        && parts[parts.len() - 1].len() == 5
-        && alnum(parts[parts.len() - 1])
-        && (6..=10).contains(&parts[parts.len() - 2].len())
-        && alnum(parts[parts.len() - 2]))
-    .then(|| parts[..parts.len() - 2].join("-"));
-    Workload {
-        workload: deployment
-            .or_else(|| app.clone())
-            .unwrap_or_else(|| pod.to_string()),
-        namespace: namespace.to_string(),
-        app: app.unwrap_or_else(|| "unknown".into()),
-        version: version
-            .map(str::to_string)
-            .or_else(|| label(&["version", "app.kubernetes.io/version"]))
-            .unwrap_or_else(|| "unknown".into()),
+        .map(crate::metrics::workload_of_pod)
+        .unwrap_or_else(|| crate::metrics::workload_of(name, ns, &BTreeMap::new(), &[]));
+    if let Some(v) = version {
+        w.version = v.to_string();
     }
+    w
 }

@@ -60,9 +60,13 @@ pub struct BenchArgs {
     /// wrk connections (`-c`); wrk runs one thread.
     #[arg(long, default_value_t = 8)]
     connections: u32,
-    /// `connect()` calls timed per scenario and round.
+    /// `connect()` calls timed per scenario, in all.
     #[arg(long, default_value_t = 5000)]
     connects: u64,
+    /// Rounds the timed `connect()` calls are split into, interleaving the
+    /// scenarios (so each round compares paths under the same conditions).
+    #[arg(long, default_value_t = 10)]
+    connect_rounds: usize,
     /// Services loaded in the scale scenarios.
     #[arg(long, default_value_t = 10_000)]
     services: usize,
@@ -189,7 +193,8 @@ pub struct Results {
     pub scenarios: Vec<Scenario>,
     /// (scenario key, mode) → one result per round.
     pub wrk: BTreeMap<(&'static str, &'static str), Vec<WrkResult>>,
-    /// scenario key → one timing per round.
+    /// scenario key → one timing per connect round (round i of every
+    /// scenario ran in the same pass).
     pub connect: BTreeMap<&'static str, Vec<ConnectTiming>>,
     /// scenario key → the sanity probe's report.
     pub sanity: BTreeMap<&'static str, ProbeReport>,
@@ -288,6 +293,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "rounds": args.rounds,
             "connections": args.connections,
             "connects": args.connects,
+            "connect_rounds": args.connect_rounds,
             "services": args.services,
             "iptables": backend.name(),
         }),
@@ -387,7 +393,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bpfstats::agent_programs(&world.large.pin_path)?,
     );
     throughput(&world, &programs, &mut results)?;
-    connect_timing(&world, &bins, args.connects, &mut results)?;
+    connect_timing(
+        &world,
+        &bins,
+        args.connects,
+        args.connect_rounds.max(1),
+        &mut results,
+    )?;
     if args.only.is_empty() || args.only.iter().any(|o| o == "weights") {
         results.weights = weights_latency(&world, &bins)?;
     }
@@ -660,21 +672,28 @@ fn throughput(
     Ok(())
 }
 
-/// `connects` connect-only connections per scenario and round, each
-/// `connect()` timed by the probe.
-fn connect_timing(world: &World, bins: &Bins, connects: u64, results: &mut Results) -> Result<()> {
+/// `connects` connect-only connections per scenario, in `rounds` rounds
+/// that visit every scenario in turn, each `connect()` timed by the probe.
+fn connect_timing(
+    world: &World,
+    bins: &Bins,
+    connects: u64,
+    rounds: usize,
+    results: &mut Results,
+) -> Result<()> {
+    let per_round = connects.div_ceil(rounds as u64).max(1);
     say(format!(
-        "bench: connect() timing: {connects} connect-only connections per scenario and round"
+        "bench: connect() timing: {rounds} rounds × {per_round} connect-only connections per scenario"
     ));
     let n = results.scenarios.len();
-    for round in 0..results.rounds {
+    for round in 0..rounds {
         for i in 0..n {
             check_interrupted()?;
             let s = &results.scenarios[(i + round) % n];
             let r = bins
                 .probe(
                     &world.client(s.client),
-                    &ProbeArgs::count(s.target, connects)
+                    &ProbeArgs::count(s.target, per_round)
                         .connect_only()
                         .connect_timing(),
                 )

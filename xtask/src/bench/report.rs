@@ -128,6 +128,29 @@ fn timing(r: &Results, key: &str) -> Option<Timing> {
     })
 }
 
+/// Median over rounds of the paired difference `key` − `base` in p50 and
+/// p99 (round i of both ran back to back, under the same conditions).
+fn added(r: &Results, key: &str, base: &str) -> Option<(f64, f64)> {
+    let (a, b) = (r.connect.get(key)?, r.connect.get(base)?);
+    let diff = |f: fn(&ConnectTiming) -> u64| {
+        let mut v: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| f(x) as f64 - f(y) as f64)
+            .collect();
+        median(&mut v)
+    };
+    Some((diff(|t| t.p50)?, diff(|t| t.p99)?))
+}
+
+/// Total connect() samples per scenario, and rounds.
+fn connect_samples(r: &Results) -> (u64, usize) {
+    r.connect
+        .values()
+        .next()
+        .map_or((0, 0), |v| (v.iter().map(|t| t.samples).sum(), v.len()))
+}
+
 fn weights(r: &Results) -> Option<(f64, f64, f64, f64)> {
     let pick = |f: fn(&WeightsTrial) -> f64| {
         let mut v: Vec<f64> = r.weights.iter().map(f).collect();
@@ -292,16 +315,15 @@ fn summary_lines(r: &Results) -> Vec<String> {
         "iptables / its own baseline (direct with conntrack on) (new / ka): {}",
         pair("iptables_split", "direct_conntrack")
     ));
-    if let (Some(d), Some(v)) = (timing(r, "direct"), timing(r, "canary_one")) {
+    if let (Some(d), Some(v), Some((a50, a99))) = (
+        timing(r, "direct"),
+        timing(r, "canary_one"),
+        added(r, "canary_one", "direct"),
+    ) {
         out.push(format!(
             "connect(): direct p50 {:.0} ns p99 {:.0} ns; VIP (one endpoint) p50 {:.0} ns p99 {:.0} ns; \
-             added p50 {:+.0} ns, p99 {:+.0} ns",
-            d.p50,
-            d.p99,
-            v.p50,
-            v.p99,
-            v.p50 - d.p50,
-            v.p99 - d.p99
+             added p50 {a50:+.0} ns, p99 {a99:+.0} ns (median of per-round differences)",
+            d.p50, d.p99, v.p50, v.p99,
         ));
     }
     let bpf: Vec<String> = [
@@ -383,32 +405,27 @@ pub fn text(r: &Results) -> String {
     for line in summary_lines(r) {
         let _ = writeln!(s, "{line}");
     }
+    let (samples, rounds) = connect_samples(r);
     let _ = writeln!(
         s,
-        "\nconnect() system call, ns (median of {} rounds × N={})",
-        r.rounds,
-        r.connect
-            .values()
-            .next()
-            .and_then(|v| v.first())
-            .map_or(0, |t| t.samples)
+        "\nconnect() system call, ns (N={samples} per scenario in {rounds} interleaved rounds; \
+         medians of the rounds)"
     );
     let _ = writeln!(
         s,
-        "{:<30} {:>9} {:>9} {:>9} {:>16}",
-        "scenario", "p50", "p99", "mean", "p50 vs direct"
+        "{:<30} {:>9} {:>9} {:>9} {:>14} {:>14}",
+        "scenario", "p50", "p99", "mean", "p50 vs direct", "p99 vs direct"
     );
-    let direct = timing(r, "direct");
     for sc in &r.scenarios {
         if let Some(t) = timing(r, sc.key) {
+            let (a50, a99) = added(r, sc.key, "direct").map_or_else(
+                || (String::new(), String::new()),
+                |(a, b)| (format!("{a:+.0}"), format!("{b:+.0}")),
+            );
             let _ = writeln!(
                 s,
-                "{:<30} {:>9.0} {:>9.0} {:>9.0} {:>16}",
-                sc.label,
-                t.p50,
-                t.p99,
-                t.mean,
-                direct.map_or_else(String::new, |d| format!("{:+.0}", t.p50 - d.p50))
+                "{:<30} {:>9.0} {:>9.0} {:>9.0} {:>14} {:>14}",
+                sc.label, t.p50, t.p99, t.mean, a50, a99
             );
         }
     }
@@ -485,31 +502,27 @@ pub fn markdown(r: &Results) -> String {
     for line in summary_lines(r) {
         let _ = writeln!(s, "- {line}");
     }
+    let (samples, rounds) = connect_samples(r);
     let _ = writeln!(
         s,
-        "\n`connect()` system call (ns, median of {} rounds of {} connect-only connections):\n",
-        r.rounds,
-        r.connect
-            .values()
-            .next()
-            .and_then(|v| v.first())
-            .map_or(0, |t| t.samples)
+        "\n`connect()` system call, ns (N={samples} connect-only connections per scenario in \
+         {rounds} interleaved rounds; medians of the rounds; differences paired by round):\n"
     );
     let _ = writeln!(
         s,
-        "| scenario | p50 | p99 | mean | p50 vs direct |\n|---|---:|---:|---:|---:|"
+        "| scenario | p50 | p99 | mean | p50 vs direct | p99 vs direct |\n\
+         |---|---:|---:|---:|---:|---:|"
     );
-    let direct = timing(r, "direct");
     for sc in &r.scenarios {
         if let Some(t) = timing(r, sc.key) {
+            let (a50, a99) = added(r, sc.key, "direct").map_or_else(
+                || (String::new(), String::new()),
+                |(a, b)| (format!("{a:+.0}"), format!("{b:+.0}")),
+            );
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.0} | {:.0} | {} |",
-                sc.label,
-                t.p50,
-                t.p99,
-                t.mean,
-                direct.map_or_else(String::new, |d| format!("{:+.0}", t.p50 - d.p50))
+                "| {} | {:.0} | {:.0} | {:.0} | {a50} | {a99} |",
+                sc.label, t.p50, t.p99, t.mean
             );
         }
     }
@@ -579,8 +592,14 @@ pub fn json(r: &Results) -> Value {
                                "vs_direct": ratio(r, sc.key, "direct", "keep_alive")},
                 "connect_ns": {
                     "median_of_rounds": timing(r, sc.key).map(|t| json!({"p50": t.p50, "p99": t.p99, "mean": t.mean})),
+                    "added_vs_direct": added(r, sc.key, "direct").map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
                     "rounds": r.connect.get(sc.key).map(|v| serde_json::to_value(v).unwrap_or(Value::Null)),
                 },
+                "canary_bpf_per_new_connection": bpf_cost(r, sc.key, "new_conn").map(|(ns, runs, progs)| json!({
+                    "ns": ns,
+                    "runs": runs,
+                    "programs": progs.iter().map(|(name, ns, runs)| json!({"program": name, "ns": ns, "runs": runs})).collect::<Vec<_>>(),
+                })),
                 "sanity": r.sanity.get(sc.key).map(|p| json!({
                     "ok": p.ok, "failed": p.failed, "peer_is_target": p.peer_is_target,
                     "by_pod": p.by_pod, "by_version": p.by_version,
