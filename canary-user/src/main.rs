@@ -88,6 +88,9 @@ struct AgentArgs {
     /// Prometheus metrics (Istio's names), /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:15020")]
     metrics_addr: std::net::SocketAddr,
+    /// Do not record per-request HTTP series (for measuring what they cost).
+    #[arg(long)]
+    no_request_metrics: bool,
     /// Suffix appended to the Host/:authority of mirrored requests, as Envoy
     /// and Istio ≤ 1.27 do; `--mirror-host-suffix ''` sends them unchanged
     /// (Istio ≥ 1.28's default).
@@ -165,6 +168,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 kernel_log_level: a.kernel_log_level,
                 shim_port: a.shim_port,
                 metrics_addr: a.metrics_addr,
+                no_request_metrics: a.no_request_metrics,
                 shim: canary::shim::ShimOptions {
                     mirror_host_suffix: (!a.mirror_host_suffix.is_empty())
                         .then_some(a.mirror_host_suffix),

@@ -32,6 +32,9 @@ pub struct AgentOptions {
     pub shim_port: u16,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: std::net::SocketAddr,
+    /// Record no per-request HTTP series (the shim reports to nobody);
+    /// kernel TCP series and the health endpoints stay.
+    pub no_request_metrics: bool,
     pub shim: crate::shim::ShimOptions,
 }
 
@@ -53,7 +56,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let own_cookie = crate::dataplane::identities::own_cookie()
         .context("reading our network namespace cookie")?;
     let metrics = crate::metrics::Metrics::new();
-    let observer: Arc<dyn crate::observe::RequestObserver> = metrics.clone();
+    let observer: Arc<dyn crate::observe::RequestObserver> = if opts.no_request_metrics {
+        Arc::new(crate::observe::NoopObserver)
+    } else {
+        metrics.clone()
+    };
     let shim_options = opts.shim.clone();
     let shim = shim_host::ShimHost::new(opts.shim_port, orig, own_cookie, move |connector| {
         crate::shim::Shim::new(shim_options, connector, observer)
