@@ -119,3 +119,54 @@ pub fn wait_status(agent: &Agent, what: &str, done: impl Fn(&Value) -> bool) -> 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A client that keeps connecting to `target` from the world's client
+/// until told to stop: for "zero failed connections while X happens".
+pub struct BackgroundProbe {
+    child: Option<crate::ChildGuard>,
+    stop: PathBuf,
+}
+
+impl BackgroundProbe {
+    pub fn start(world: &Checkout, prefix: &str, target: std::net::SocketAddr) -> Self {
+        let stop = std::env::temp_dir().join(format!("canary-{prefix}-stop"));
+        let bin = bin_path("canary-probe").expect("probe bin");
+        let child = crate::probe::spawn_probe(
+            &bin,
+            Some(world.client.netns()),
+            Some(&world.cgroup),
+            &ProbeArgs::until_file(target, &stop, 120),
+        )
+        .expect("background probe");
+        // Let it get going before the change under test.
+        std::thread::sleep(Duration::from_millis(300));
+        Self {
+            child: Some(child),
+            stop,
+        }
+    }
+
+    /// Stops the client and checks that it ran and nothing failed.
+    pub fn finish_without_failures(mut self, during: &str) -> ProbeReport {
+        std::fs::write(&self.stop, b"").expect("stop file");
+        let child = self.child.take().expect("running");
+        let report = ProbeReport::wait(child, Duration::from_secs(30)).expect("background report");
+        assert!(
+            report.ok > 100,
+            "the background client barely ran: {report:?}"
+        );
+        assert_eq!(
+            report.failed, 0,
+            "connections failed {during}: {:?}",
+            report.errors
+        );
+        assert_eq!(report.peer_mismatch, 0);
+        report
+    }
+}
+
+impl Drop for BackgroundProbe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.stop);
+    }
+}

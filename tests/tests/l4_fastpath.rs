@@ -11,8 +11,8 @@ use std::time::Duration;
 use canary_tests::agent::{Agent, destinations};
 use canary_tests::checkout::{vip4, vip6};
 use canary_tests::e2e::*;
-use canary_tests::probe::{ProbeArgs, ProbeReport, spawn_probe};
-use canary_tests::{bin_path, require_root, unique_prefix};
+use canary_tests::probe::ProbeArgs;
+use canary_tests::{require_root, unique_prefix};
 use serde_json::Value;
 
 #[test]
@@ -32,16 +32,7 @@ fn weighted_split_follows_a_live_weight_change_without_failures() {
     assert_share(&before, "v2", 0.10);
 
     // A client keeps connecting while the operator changes the split.
-    let stop = std::env::temp_dir().join(format!("canary-{prefix}-stop"));
-    let bin = bin_path("canary-probe").expect("probe bin");
-    let background = spawn_probe(
-        &bin,
-        Some(world.client.netns()),
-        Some(&world.cgroup),
-        &ProbeArgs::until_file(vip4(), &stop, 120),
-    )
-    .expect("background probe");
-    std::thread::sleep(Duration::from_millis(300));
+    let background = BackgroundProbe::start(&world, &prefix, vip4());
     let answer = agent
         .weights("checkout-service", &["v1=50", "v2=50"])
         .expect("weights");
@@ -54,19 +45,7 @@ fn weighted_split_follows_a_live_weight_change_without_failures() {
     assert_clean(&after, 2000);
     assert_share(&after, "v2", 0.50);
 
-    std::fs::write(&stop, b"").expect("stop file");
-    let across = ProbeReport::wait(background, Duration::from_secs(30)).expect("background report");
-    let _ = std::fs::remove_file(&stop);
-    assert!(
-        across.ok > 100,
-        "the background client barely ran: {across:?}"
-    );
-    assert_eq!(
-        across.failed, 0,
-        "connections failed across the change: {:?}",
-        across.errors
-    );
-    assert_eq!(across.peer_mismatch, 0);
+    background.finish_without_failures("across the change");
 
     // Status shows the override beside the file's weights.
     let status = agent.status().expect("status");

@@ -4,13 +4,11 @@
 //!
 //! Privileged: run with `cargo xtask test` (as root).
 
-use std::time::Duration;
-
 use canary_tests::agent::{Agent, destinations};
 use canary_tests::checkout::vip4;
 use canary_tests::e2e::*;
-use canary_tests::probe::{ProbeArgs, ProbeReport, spawn_probe};
-use canary_tests::{bin_path, require_root, unique_prefix};
+use canary_tests::probe::ProbeArgs;
+use canary_tests::{require_root, unique_prefix};
 
 #[test]
 #[ignore = "privileged: run with cargo xtask test"]
@@ -23,16 +21,7 @@ fn sigkilled_agent_leaves_the_data_path_serving_and_a_restart_adopts_it() {
         .weights("checkout-service", &["v1=70", "v2=30"])
         .expect("weights");
 
-    let stop = std::env::temp_dir().join(format!("canary-{prefix}-stop"));
-    let bin = bin_path("canary-probe").expect("probe bin");
-    let background = spawn_probe(
-        &bin,
-        Some(world.client.netns()),
-        Some(&world.cgroup),
-        &ProbeArgs::until_file(vip4(), &stop, 120),
-    )
-    .expect("background probe");
-    std::thread::sleep(Duration::from_millis(300));
+    let background = BackgroundProbe::start(&world, &prefix, vip4());
 
     agent.kill9().expect("kill -9");
     // No agent at all: the pinned programs and maps still split 70/30.
@@ -48,18 +37,7 @@ fn sigkilled_agent_leaves_the_data_path_serving_and_a_restart_adopts_it() {
     assert_clean(&after, 1000);
     assert_share(&after, "v2", 0.30);
 
-    std::fs::write(&stop, b"").expect("stop file");
-    let across = ProbeReport::wait(background, Duration::from_secs(30)).expect("background report");
-    let _ = std::fs::remove_file(&stop);
-    assert!(
-        across.ok > 100,
-        "the background client barely ran: {across:?}"
-    );
-    assert_eq!(
-        across.failed, 0,
-        "connections failed across kill and restart: {:?}",
-        across.errors
-    );
+    background.finish_without_failures("across kill and restart");
     // Counters live in pinned maps: the restarted agent still has them all.
     let counted: u64 = destinations(&agent.status().expect("status"), HOST)
         .iter()

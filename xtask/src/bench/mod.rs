@@ -17,9 +17,18 @@
 //! Each round runs every scenario with wrk (new connection per request, and
 //! keep-alive), in an order rotated from round to round; the report gives
 //! the median of the rounds. Then `connect()` timing with `canary-probe
-//! --connect-timing`, and how fast a `canary weights` change reaches new
-//! connections (`canary-probe --timeline`). Results go to stdout,
-//! `target/bench/l4.md` and `target/bench/l4.json`.
+//! --connect-timing` (interleaved rounds, differences paired by round), and
+//! how fast a `canary weights` change reaches new connections
+//! (`canary-probe --timeline`). Results go to stdout, `target/bench/l4.md`
+//! and `target/bench/l4.json`.
+//!
+//! On a small or shared machine req/s moves with everything else that runs,
+//! so the bench also (see [`cpu`], [`bpfstats`]): pins clients and backends
+//! to one CPU (`--pin`), raises its priority for the run (`--no-boost` to
+//! skip), accounts the CPU time of the client's and the backends' cgroups
+//! per request, reports how busy the rest of the machine was, and reads
+//! canary's in-kernel cost per connection from the kernel's BPF run-time
+//! statistics.
 
 mod bpfstats;
 mod configs;
@@ -791,7 +800,9 @@ fn read_trimmed(path: &str) -> String {
 }
 
 fn environment(backend: Backend) -> BTreeMap<&'static str, String> {
-    let cmd = |program: &str, args: &[&str]| -> String {
+    // The first line a tool prints about itself (some print their version
+    // on stderr, or exit non-zero after it), or "" if it cannot be run.
+    let first_line = |program: &str, args: &[&str]| -> String {
         Command::new(program)
             .args(args)
             .output()
@@ -810,6 +821,26 @@ fn environment(backend: Backend) -> BTreeMap<&'static str, String> {
             })
             .unwrap_or_default()
     };
+    // git's answer only when it succeeds (not its error outside a checkout).
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).map_or_else(
+        || "unknown (not a git checkout)".to_owned(),
+        |head| {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            let note = if dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            };
+            format!("{head}{note}")
+        },
+    );
     let mut env = BTreeMap::new();
     env.insert("kernel", read_trimmed("/proc/sys/kernel/osrelease"));
     env.insert(
@@ -819,20 +850,11 @@ fn environment(backend: Backend) -> BTreeMap<&'static str, String> {
             .unwrap_or_default(),
     );
     env.insert("loadavg_start", read_trimmed("/proc/loadavg"));
-    env.insert("wrk", cmd("wrk", &["--version"]));
-    env.insert("iptables", cmd(backend.restore_bin(), &["--version"]));
-    let dirty = !cmd("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    env.insert("wrk", first_line("wrk", &["--version"]));
     env.insert(
-        "commit",
-        format!(
-            "{}{}",
-            cmd("git", &["rev-parse", "--short", "HEAD"]),
-            if dirty {
-                " (with uncommitted changes)"
-            } else {
-                ""
-            }
-        ),
+        "iptables",
+        first_line(backend.restore_bin(), &["--version"]),
     );
+    env.insert("commit", commit);
     env
 }

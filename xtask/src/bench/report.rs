@@ -466,12 +466,13 @@ pub fn markdown(r: &Results) -> String {
         "`cargo xtask bench` (as root): wrk -t{} -c{} -d{}s, new connection per request \
          (`Connection: close`) and keep-alive; median of {} rounds in rotated order, ± half \
          the spread. All clients sit in network namespaces on the same bridge as the same three \
-         backend pods; kube-proxy's iptables rules ({}) live in namespaces of their own, since \
-         a nat table turns conntrack on for its whole namespace.\n",
+         backend pods; kube-proxy's iptables rules ({}, {}) live in namespaces of their own, \
+         since a nat table turns conntrack on for its whole namespace.\n",
         r.load.threads,
         r.load.connections,
         r.load.duration.as_secs(),
         r.rounds,
+        r.args_json["iptables"].as_str().unwrap_or(""),
         r.env.get("iptables").map_or("", String::as_str),
     );
     let _ = writeln!(
@@ -555,12 +556,25 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Machine: kernel {}, {} CPUs, load average {} at the start; {}; commit {}.",
+        "Method: clients (wrk, canary-probe) and backends are pinned to one CPU, so req/s is the \
+         whole path's throughput per CPU and the scheduler's placement stays out of the numbers; \
+         the bench raises its priority (nice and autogroup nice -10) for the run. *CPU µs/req* \
+         is the client's and the backends' cgroup v2 `cpu.stat` usage per request, which moves \
+         less than req/s when other work shares the machine. canary's kernel-program cost comes \
+         from the kernel's own BPF run-time accounting (`BPF_ENABLE_STATS`, on only for the \
+         run; it adds its own clock reads to each run).\n"
+    );
+    let wrk = r.env.get("wrk").map_or("", String::as_str);
+    let _ = writeln!(
+        s,
+        "Machine: kernel {}, {} CPUs, load average {} at the start; {}; commit {}; the run took \
+         {:.0} s.",
         r.env.get("kernel").map_or("", String::as_str),
         r.env.get("cpus").map_or("", String::as_str),
         r.env.get("loadavg_start").map_or("", String::as_str),
-        r.env.get("wrk").map_or("", String::as_str),
+        wrk.split(" Copyright").next().unwrap_or(wrk),
         r.env.get("commit").map_or("", String::as_str),
+        r.wall_s,
     );
     s
 }

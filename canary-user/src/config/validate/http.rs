@@ -59,25 +59,7 @@ const KNOWN_STATUS: &[u16] = &[
     506, 507, 508, 510, 511,
 ];
 
-const GRPC_STATUS: &[&str] = &[
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
+use crate::config::istio::GRPC_STATUS_NAMES as GRPC_STATUS;
 
 pub(super) fn match_request(at: &Origin, f: &str, m: &HttpMatchRequest, diags: &mut Diagnostics) {
     unknown_fields(diags, at, f, &m.extra, MATCH_FIELDS);
