@@ -30,6 +30,8 @@ pub struct Agent {
     pub log: PathBuf,
     /// Where this agent serves `/metrics` (a free loopback port).
     pub metrics_addr: std::net::SocketAddr,
+    /// More `canary agent` arguments (see [`Agent::start_at_with_args`]).
+    extra_args: Vec<String>,
 }
 
 impl Agent {
@@ -65,9 +67,41 @@ impl Agent {
             log: run_dir.join("agent.log"),
             run_dir,
             metrics_addr: free_loopback_port()?,
+            extra_args: Vec::new(),
         };
         agent.spawn()?;
         Ok(agent)
+    }
+
+    /// Like [`Agent::start_at`], with more `canary agent` arguments after
+    /// the usual ones (e.g. `--shim-port 15101`, `--no-request-metrics`);
+    /// [`Agent::restart`] keeps them.
+    pub fn start_at_with_args(
+        config: &Path,
+        cgroup: &Path,
+        pin_path: PathBuf,
+        run_dir: PathBuf,
+        extra: &[&str],
+    ) -> Result<Self> {
+        std::fs::create_dir_all(&run_dir)?;
+        let mut agent = Self {
+            child: None,
+            bin: canary_bin()?,
+            config: config.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            pin_path,
+            log: run_dir.join("agent.log"),
+            run_dir,
+            metrics_addr: free_loopback_port()?,
+            extra_args: extra.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
     }
 
     /// Has the agent process exited?
@@ -101,6 +135,7 @@ impl Agent {
             .arg(self.run_dir.join("state"))
             .arg("--metrics-addr")
             .arg(self.metrics_addr.to_string())
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

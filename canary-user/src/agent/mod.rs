@@ -6,6 +6,7 @@ mod netns;
 mod overrides;
 mod shim_host;
 mod state;
+mod status;
 mod telemetry;
 mod watch;
 
