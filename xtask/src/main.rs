@@ -8,6 +8,7 @@
 //! - `bench`: canary beside its peers, as ratios.
 
 mod bench;
+mod bench_l7;
 mod demo;
 mod setup;
 
@@ -45,7 +46,7 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Benchmark canary beside direct connections and kube-proxy iptables.
-    Bench(bench::BenchArgs),
+    Bench(bench_l7::BenchAll),
 }
 
 fn main() -> Result<()> {
@@ -74,7 +75,10 @@ fn main() -> Result<()> {
         }
         Cmd::Bench(args) => {
             setup::build_tools()?;
-            bench::run(args)
+            if args.l7.with_l4() {
+                bench::run(args.l4)?;
+            }
+            bench_l7::run(&args.l7)
         }
     }
 }

@@ -151,7 +151,10 @@ fn connect_samples(r: &Results) -> (u64, usize) {
         .map_or((0, 0), |v| (v.iter().map(|t| t.samples).sum(), v.len()))
 }
 
-fn weights(r: &Results) -> Option<(f64, f64, f64, f64)> {
+/// Medians over the trials: first v2 connection after the CLI returned,
+/// CLI round trip, last v1 connection after the CLI returned, loop
+/// interval, and first v2 connection after the CLI was started.
+fn weights(r: &Results) -> Option<(f64, f64, f64, f64, f64)> {
     let pick = |f: fn(&WeightsTrial) -> f64| {
         let mut v: Vec<f64> = r.weights.iter().map(f).collect();
         median(&mut v)
@@ -161,6 +164,7 @@ fn weights(r: &Results) -> Option<(f64, f64, f64, f64)> {
         pick(|t| t.cli_ms)?,
         pick(|t| t.last_v1_after_return_ms)?,
         pick(|t| t.loop_interval_ms)?,
+        pick(|t| t.cli_ms + t.first_v2_after_return_ms)?,
     ))
 }
 
@@ -285,12 +289,14 @@ fn summary_lines(r: &Results) -> Vec<String> {
     if let Some((med, max, machine)) = background(r) {
         out.push(format!(
             "placement: {}; during the runs other work used {:.0}% (median; max {:.0}%) of the \
-             bench's CPU{} and {:.0}% of the machine{}",
+             bench's CPU{} and {:.0}% of the machine ({} disturbed run{} measured again){}",
             r.placement,
             med * 100.0,
             max * 100.0,
             if r.cpus == 1 { "" } else { "s" },
             machine * 100.0,
+            r.repeated,
+            if r.repeated == 1 { "" } else { "s" },
             if med > 0.10 || machine > 0.10 {
                 " — a busy machine: treat differences of a few percent as noise"
             } else {
@@ -356,11 +362,11 @@ fn summary_lines(r: &Results) -> Vec<String> {
             bpf.join("; ")
         ));
     }
-    if let Some((first, cli, last_v1, interval)) = weights(r) {
+    if let Some((first, cli, last_v1, interval, since_start)) = weights(r) {
         out.push(format!(
-            "weights → first new-split connection: {first:+.3} ms after the CLI returned \
-             (CLI round trip {cli:.2} ms; last v1 connection {last_v1:+.3} ms; the client loop \
-             connects every {interval:.3} ms; median of {})",
+            "weights → first new-split connection: {first:+.3} ms after the CLI returned, \
+             {since_start:.3} ms after it started (CLI round trip {cli:.2} ms; last v1 connection \
+             {last_v1:+.3} ms; the client loop connects every {interval:.3} ms; median of {})",
             r.weights.len()
         ));
     }
@@ -624,6 +630,7 @@ pub fn json(r: &Results) -> Value {
     let pair = |a: &str, b: &str| json!({"new_conn": ratio(r, a, b, "new_conn"), "keep_alive": ratio(r, a, b, "keep_alive")});
     json!({
         "placement": r.placement,
+        "repeated_runs": r.repeated,
         "background_share": background(r).map(|(med, max, machine)| json!({
             "bench_cpus_median": med, "bench_cpus_max": max, "machine_median": machine,
         })),
@@ -646,9 +653,10 @@ pub fn json(r: &Results) -> Value {
                 "last_v1_after_return_ms": t.last_v1_after_return_ms,
                 "loop_interval_ms": t.loop_interval_ms,
             })).collect::<Vec<_>>(),
-            "median": weights(r).map(|(first, cli, last, interval)| json!({
+            "median": weights(r).map(|(first, cli, last, interval, since_start)| json!({
                 "first_v2_after_return_ms": first, "cli_ms": cli,
                 "last_v1_after_return_ms": last, "loop_interval_ms": interval,
+                "first_v2_after_cli_start_ms": since_start,
             })),
         },
         "targets": targets(r).iter().map(|t| json!({
