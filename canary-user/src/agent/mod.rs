@@ -119,7 +119,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 agent.sync_ejections();
                 let now = watch::fingerprint(&opts.config);
                 if now != seen {
-                    seen = now;
+                    // Editors and scripts write files in steps (truncate,
+                    // then write; one file, then the next): wait until the
+                    // files hold still, so a half-written state is never
+                    // validated and applied.
+                    seen = watch::settle(&opts.config, now).await;
                     tracing::info!(config = %opts.config.display(), "config files changed; reloading");
                     let reloader = agent.clone();
                     let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;

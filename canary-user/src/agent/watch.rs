@@ -25,6 +25,26 @@ pub fn fingerprint(path: &Path) -> u64 {
     h.finish()
 }
 
+/// How long the files must stay unchanged before a reload.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(300);
+/// A reload happens at the latest this long after the first change, even
+/// if something keeps writing.
+const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until the fingerprint has stayed the same for `QUIET` (at most
+/// `SETTLE_MAX`), starting from `current`; returns the settled one.
+pub async fn settle(path: &Path, mut current: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    loop {
+        tokio::time::sleep(QUIET).await;
+        let next = fingerprint(path);
+        if next == current || tokio::time::Instant::now() >= deadline {
+            return next;
+        }
+        current = next;
+    }
+}
+
 fn collect(path: &Path, out: &mut Vec<PathBuf>) {
     if path.is_dir() {
         if let Ok(entries) = std::fs::read_dir(path) {

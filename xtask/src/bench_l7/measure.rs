@@ -9,20 +9,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use canary_tests::{Netns, TestCgroup, run_in, spawn_in};
+use canary_tests::{Netns, TestCgroup, spawn_in};
 use serde_json::{Value, json};
 
 use super::cpu::{self, busy_us, cgroup_usage_us};
 use super::wrk::{self, WrkResult};
 
-/// utime + stime of every process in `pids` (all their threads, live and
+/// (utime, stime) of every process in `pids` (all their threads, live and
 /// exited), in microseconds (`/proc/<pid>/stat`, clock-tick resolution).
-pub fn proc_cpu_us(pids: &[u32]) -> Result<u64> {
-    let (user, sys) = proc_user_sys_us(pids)?;
-    Ok(user + sys)
-}
-
-/// (utime, stime) of every process in `pids`, in microseconds.
 pub fn proc_user_sys_us(pids: &[u32]) -> Result<(u64, u64)> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
@@ -72,6 +66,47 @@ pub fn rss_anon_kib(pids: &[u32]) -> Result<(u64, u64)> {
     Ok((rss, anon))
 }
 
+/// Context switches (voluntary + involuntary) of every live thread of
+/// `pids`.
+pub fn ctx_switches(pids: &[u32]) -> Result<u64> {
+    let mut n = 0;
+    for pid in pids {
+        let dir = format!("/proc/{pid}/task");
+        for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            // A thread may end between the listing and the read.
+            let Ok(text) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue;
+            };
+            n += text
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Ok(n)
+}
+
+/// CPU time of every live thread of `pids` from `schedstat`, in
+/// nanoseconds (finer than `stat`'s clock ticks, for short idle periods).
+pub fn sched_ns(pids: &[u32]) -> Result<u64> {
+    let mut n = 0;
+    for pid in pids {
+        let dir = format!("/proc/{pid}/task");
+        for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue;
+            };
+            n += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(n)
+}
+
 /// Open file descriptors of `pids`.
 pub fn fds(pids: &[u32]) -> Result<usize> {
     let mut n = 0;
@@ -103,6 +138,8 @@ pub struct Run {
     pub proxy_cpu_us: u64,
     /// Of which in user space (utime).
     pub proxy_user_us: u64,
+    /// Context switches of the proxy's threads during the run.
+    pub proxy_ctx_switches: u64,
     /// Busy time of the CPU wrk and the backends ran on, when pinned.
     pub load_cpu_busy_us: Option<u64>,
 }
@@ -113,6 +150,11 @@ impl Run {
     /// The proxy's CPU seconds per 1,000 requests.
     pub fn cpu_s_per_1000(&self) -> f64 {
         self.proxy_cpu_us as f64 / self.wrk.requests.max(1) as f64 / 1000.0
+    }
+
+    /// The proxy's context switches per request.
+    pub fn ctx_switches_per_request(&self) -> f64 {
+        self.proxy_ctx_switches as f64 / self.wrk.requests.max(1) as f64
     }
 
     /// The proxy's user and system CPU µs per request.
@@ -150,6 +192,7 @@ impl Run {
             "non_2xx": self.wrk.non_2xx,
             "proxy_cpu_us": self.proxy_cpu_us,
             "proxy_user_us": self.proxy_user_us,
+            "proxy_context_switches_per_request": self.ctx_switches_per_request(),
             "proxy_cpu_s_per_1000_requests": self.cpu_s_per_1000(),
             "cpu_us_per_request": {"proxy": p, "wrk": c, "backends": s},
             "wrk_cpu_us": self.wrk.client_cpu_us,
@@ -169,71 +212,112 @@ pub struct Cpus {
     pub proxy: Option<usize>,
 }
 
-/// wrk `-t1 -c<connections> -d<seconds>s --latency` with `headers` to
-/// `target`, from `client`; CPU of `proxy_pids` and of the backends'
-/// cgroup `servers` around it.
-#[allow(clippy::too_many_arguments)]
-pub fn wrk_run(
-    client: &Client<'_>,
+/// One wrk of a measurement: from where, through which proxy, to where.
+pub struct Leg<'a> {
+    pub client: Client<'a>,
+    pub proxy_pids: Vec<u32>,
+    pub target: SocketAddr,
+}
+
+/// wrk `-t1 -c<connections> -d<seconds>s --latency` with `headers`, one
+/// per leg, all at once; CPU of each leg's proxy, of its client cgroup,
+/// and of the backends' cgroup `servers` (shared by the legs in
+/// proportion to their requests) around it.
+pub fn wrk_runs(
+    legs: &[Leg<'_>],
     servers: &Path,
-    proxy_pids: &[u32],
     cpus: Cpus,
-    target: SocketAddr,
     headers: &[&str],
     connections: u32,
     seconds: u64,
-) -> Result<Run> {
-    let mut cmd = Command::new("wrk");
-    cmd.arg("-t1")
-        .arg(format!("-c{connections}"))
-        .arg(format!("-d{seconds}s"))
-        .args(["--timeout", "2s", "--latency"]);
-    for h in headers {
-        cmd.args(["-H", h]);
+) -> Result<Vec<Run>> {
+    let command = |leg: &Leg<'_>| {
+        let mut cmd = Command::new("wrk");
+        cmd.arg("-t1")
+            .arg(format!("-c{connections}"))
+            .arg(format!("-d{seconds}s"))
+            .args(["--timeout", "2s", "--latency"]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        cmd.arg(format!("http://{}/", leg.target))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(c) = leg.client.cpu {
+            cpu::pin_command(&mut cmd, c);
+        }
+        cmd
+    };
+    let mut before = Vec::new();
+    for leg in legs {
+        before.push((
+            ctx_switches(&leg.proxy_pids)?,
+            proc_user_sys_us(&leg.proxy_pids)?,
+            cgroup_usage_us(leg.client.cgroup.path())?,
+        ));
     }
-    cmd.arg(format!("http://{target}/"));
-    if let Some(c) = client.cpu {
-        cpu::pin_command(&mut cmd, c);
-    }
-    let before = (
-        proc_user_sys_us(proxy_pids)?,
-        cgroup_usage_us(client.cgroup.path())?,
+    let shared_before = (
         cgroup_usage_us(servers)?,
         cpus.proxy.map(|c| busy_us(Some(c))).transpose()?,
         cpus.load.map(|c| busy_us(Some(c))).transpose()?,
         busy_us(None)?,
         Instant::now(),
     );
-    let out = run_in(
-        cmd,
-        Some(client.netns),
-        Some(client.cgroup),
-        Duration::from_secs(seconds + 20),
-    )
-    .with_context(|| format!("wrk to {target}"))?;
-    let wall = before.6.elapsed();
-    let after = proc_user_sys_us(proxy_pids)?;
-    let proxy_user_us = after.0.saturating_sub(before.0.0);
-    let proxy_cpu_us = proxy_user_us + after.1.saturating_sub(before.0.1);
-    let mut w = wrk::parse(&out).with_context(|| format!("reading wrk's output:\n{out}"))?;
-    w.client_cpu_us = cgroup_usage_us(client.cgroup.path())?.saturating_sub(before.1);
-    w.server_cpu_us = cgroup_usage_us(servers)?.saturating_sub(before.2);
-    w.busy_us = match (cpus.proxy, before.3) {
+    let mut children = Vec::new();
+    for leg in legs {
+        children.push(spawn_in(
+            command(leg),
+            Some(leg.client.netns),
+            Some(leg.client.cgroup),
+        )?);
+    }
+    let mut outputs = Vec::new();
+    for (child, leg) in children.into_iter().zip(legs) {
+        let out = child.wait_with_output(Duration::from_secs(seconds + 20))?;
+        if !out.status.success() {
+            bail!(
+                "wrk to {} failed ({}): {}",
+                leg.target,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let wall = shared_before.4.elapsed();
+    let servers_us = cgroup_usage_us(servers)?.saturating_sub(shared_before.0);
+    let proxy_busy = match (cpus.proxy, shared_before.1) {
         (Some(c), Some(b)) => busy_us(Some(c))?.saturating_sub(b),
         _ => 0,
     };
-    let load_cpu_busy_us = match (cpus.load, before.4) {
+    let load_cpu_busy_us = match (cpus.load, shared_before.2) {
         (Some(c), Some(b)) => Some(busy_us(Some(c))?.saturating_sub(b)),
         _ => None,
     };
-    w.machine_busy_us = busy_us(None)?.saturating_sub(before.5);
-    w.wall_us = u64::try_from(wall.as_micros()).unwrap_or(u64::MAX);
-    Ok(Run {
-        wrk: w,
-        proxy_cpu_us,
-        proxy_user_us,
-        load_cpu_busy_us,
-    })
+    let machine_busy_us = busy_us(None)?.saturating_sub(shared_before.3);
+    let mut runs = Vec::new();
+    for ((leg, out), before) in legs.iter().zip(&outputs).zip(before) {
+        let after = proc_user_sys_us(&leg.proxy_pids)?;
+        let proxy_user_us = after.0.saturating_sub(before.1.0);
+        let mut w = wrk::parse(out).with_context(|| format!("reading wrk's output:\n{out}"))?;
+        w.client_cpu_us = cgroup_usage_us(leg.client.cgroup.path())?.saturating_sub(before.2);
+        w.busy_us = proxy_busy;
+        w.machine_busy_us = machine_busy_us;
+        w.wall_us = u64::try_from(wall.as_micros()).unwrap_or(u64::MAX);
+        runs.push(Run {
+            proxy_cpu_us: proxy_user_us + after.1.saturating_sub(before.1.1),
+            proxy_user_us,
+            proxy_ctx_switches: ctx_switches(&leg.proxy_pids)?.saturating_sub(before.0),
+            load_cpu_busy_us,
+            wrk: w,
+        });
+    }
+    let total: u64 = runs.iter().map(|r| r.wrk.requests).sum();
+    for r in &mut runs {
+        r.wrk.server_cpu_us = servers_us * r.wrk.requests / total.max(1);
+    }
+    Ok(runs)
 }
 
 /// RSS of a proxy before and while it holds `n` idle keep-alive client
@@ -356,9 +440,11 @@ mod tests {
     #[test]
     fn reads_own_stat_and_status() -> Result<()> {
         let me = [std::process::id()];
-        proc_cpu_us(&me)?;
+        proc_user_sys_us(&me)?;
         assert!(rss_kib(&me)? > 0);
         assert!(fds(&me)? > 0);
+        ctx_switches(&me)?;
+        assert!(sched_ns(&me)? > 0);
         assert!(idle_script(1000).contains("if calls <= 1000 then return 0 end"));
         Ok(())
     }

@@ -16,11 +16,10 @@
 //! Each round runs wrk (`-t1 -c32 -d5s --latency`, keep-alive) through
 //! canary, nginx and HAProxy, without and with `x-canary-user: true`, in
 //! an order rotated from round to round; the report gives medians and the
-//! spread. Then pairs of shorter runs through the two agents (request
-//! metrics on, off; A-B-B-A) for the cost of the metrics, and each proxy
-//! holds 1,000 idle keep-alive connections (one request each) while its
-//! RSS is read. By default everything is pinned to one CPU (see
-//! `--l7-pin`). Results go to stdout, `target/bench/l7.md` and
+//! spread. Then wrk through both agents at once (request metrics on, off)
+//! for the cost of the metrics, and each proxy holds 1,000 idle keep-alive
+//! connections (one request each) while its RSS is read. By default
+//! everything is pinned to one CPU (see `--l7-pin`). Results go to stdout, `target/bench/l7.md` and
 //! `target/bench/l7.json`; `--l7-profile` adds system-call counts and
 //! `perf` profiles in `target/bench/l7-perf.txt`.
 //!
@@ -116,19 +115,15 @@ pub struct L7Args {
         default_value_t = 1000
     )]
     pub idle_connections: u32,
-    /// Request metrics on / off: this many pairs of wrk runs through the
-    /// two agents, in A-B-B-A order.
-    #[arg(
-        id = "l7_metrics_pairs",
-        long = "l7-metrics-pairs",
-        default_value_t = 4
-    )]
+    /// Request metrics on / off: this many wrk runs through both agents
+    /// at once.
+    #[arg(id = "l7_metrics_runs", long = "l7-metrics-runs", default_value_t = 5)]
     pub metrics_pairs: usize,
-    /// Seconds per wrk run of the metrics pairs.
+    /// Seconds per wrk run of the metrics on / off runs.
     #[arg(
         id = "l7_metrics_seconds",
         long = "l7-metrics-seconds",
-        default_value_t = 3
+        default_value_t = 4
     )]
     pub metrics_seconds: u64,
     /// CPU placement (L7). `same`: the proxy, wrk and the backends on the
@@ -234,8 +229,8 @@ impl Variant {
 pub struct Results {
     pub args: L7Args,
     pub runs: BTreeMap<(Peer, Variant), Vec<Run>>,
-    /// (request metrics on, off): wrk runs through the two agents, back to
-    /// back (95/5).
+    /// (request metrics on, off): wrk through the two agents at the same
+    /// time (95/5).
     pub metrics_pairs: Vec<(Run, Run)>,
     pub rss: BTreeMap<Peer, Vec<Rss>>,
     /// The agents' CPU use while idle, CPU-s per s (their background work:
@@ -627,14 +622,14 @@ fn measure_all(lab: &Lab, bins: &Bins, cpus: Cpus, results: &mut Results) -> Res
     let idle = Duration::from_secs(2);
     let before: Vec<u64> = [Peer::Canary, Peer::CanaryNoMetrics]
         .iter()
-        .map(|p| measure::proc_cpu_us(&lab.pids(*p)?))
+        .map(|p| measure::sched_ns(&lab.pids(*p)?))
         .collect::<Result<_>>()?;
     std::thread::sleep(idle);
     for (p, b) in [Peer::Canary, Peer::CanaryNoMetrics].iter().zip(before) {
-        let used = measure::proc_cpu_us(&lab.pids(*p)?)?.saturating_sub(b);
+        let used = measure::sched_ns(&lab.pids(*p)?)?.saturating_sub(b);
         results
             .agent_idle_cpu
-            .insert(*p, used as f64 / 1e6 / idle.as_secs_f64());
+            .insert(*p, used as f64 / 1e9 / idle.as_secs_f64());
     }
     say("bench l7: warming up every peer (1 s of wrk each, not counted)");
     for peer in Peer::ALL {
@@ -733,7 +728,8 @@ fn run_line(peer: Peer, variant: Variant, r: &Run) -> String {
     let (user, sys) = r.proxy_user_sys_us();
     format!(
         "{:<30} {:<10} {:>8.0} req/s  p50 {:>7} p99 {:>7}  proxy {:.4} CPU-s/1000 req ({:>3.0}% \
-         of a CPU); µs/req proxy {p:.1} (user {user:.1} sys {sys:.1}) wrk {c:.1} backends {s:.1}{}",
+         of a CPU, {:.2} context switches/req); µs/req proxy {p:.1} (user {user:.1} sys {sys:.1}) \
+         wrk {c:.1} backends {s:.1}{}",
         peer.label(),
         variant.label(),
         r.wrk.requests_per_sec,
@@ -741,6 +737,7 @@ fn run_line(peer: Peer, variant: Variant, r: &Run) -> String {
         report::fmt_us(r.wrk.latency_p99_us),
         r.cpu_s_per_1000(),
         r.proxy_cpu_share() * 100.0,
+        r.ctx_switches_per_request(),
         if r.wrk.socket_errors + r.wrk.non_2xx > 0 {
             format!(
                 "  ({} socket errors, {} non-2xx)",
@@ -752,53 +749,51 @@ fn run_line(peer: Peer, variant: Variant, r: &Run) -> String {
     )
 }
 
-/// Request metrics on / off: pairs of runs through the two agents (the
-/// same config, the same client namespace, each agent's own cgroup), in
-/// A-B-B-A order so a drift of the machine cancels out.
+/// Request metrics on / off: wrk through both agents at the same time
+/// (the same config, the same client namespace and CPU, each agent with
+/// its cgroup), so whatever else slows the machine slows both alike; the
+/// ratio of the two is the metrics' cost.
 fn metrics_pairs(lab: &Lab, cpus: Cpus, args: &L7Args, results: &mut Results) -> Result<()> {
     say(format!(
-        "bench l7: request metrics on / off: {} pairs × {} s, A-B-B-A",
+        "bench l7: request metrics on / off: {} runs × {} s, wrk through both agents at once",
         args.metrics_pairs, args.metrics_seconds
     ));
+    let peers = [Peer::Canary, Peer::CanaryNoMetrics];
     for i in 0..args.metrics_pairs {
-        let order = if i.is_multiple_of(2) {
-            [Peer::Canary, Peer::CanaryNoMetrics]
-        } else {
-            [Peer::CanaryNoMetrics, Peer::Canary]
-        };
-        let mut pair = Vec::new();
-        for peer in order {
-            check_interrupted()?;
-            let r = clean_run(
+        check_interrupted()?;
+        let mut attempt = 0;
+        let (on, off) = loop {
+            attempt += 1;
+            let mut runs = peer_runs(
                 lab,
                 cpus,
-                peer,
+                &peers,
                 Variant::Split,
-                args,
+                args.connections,
                 args.metrics_seconds,
-                results,
             )?;
+            let (Some(off), Some(on)) = (runs.pop(), runs.pop()) else {
+                bail!("wrk returned fewer runs than agents");
+            };
+            let clean = [&on, &off]
+                .iter()
+                .all(|r| r.wrk.socket_errors + r.wrk.non_2xx == 0);
+            if clean || attempt == 2 {
+                break (on, off);
+            }
+            say("bench l7:   (discarded for socket errors or non-2xx, run again)");
+            results.reruns.push("metrics on / off".into());
+        };
+        for (peer, r) in [(Peer::Canary, &on), (Peer::CanaryNoMetrics, &off)] {
             say(format!(
-                "bench l7:   pair {}/{} {}",
+                "bench l7:   {}/{} {}",
                 i + 1,
                 args.metrics_pairs,
-                run_line(peer, Variant::Split, &r)
+                run_line(peer, Variant::Split, r)
             ));
-            pair.push((peer, r));
-            std::thread::sleep(Duration::from_millis(200));
         }
-        let mut on = None;
-        let mut off = None;
-        for (peer, r) in pair {
-            if peer == Peer::Canary {
-                on = Some(r);
-            } else {
-                off = Some(r);
-            }
-        }
-        if let (Some(on), Some(off)) = (on, off) {
-            results.metrics_pairs.push((on, off));
-        }
+        results.metrics_pairs.push((on, off));
+        std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
 }
@@ -819,18 +814,48 @@ fn one_run(
     connections: u32,
     seconds: u64,
 ) -> Result<Run> {
-    let (target, _) = lab.target(peer);
-    measure::wrk_run(
-        &lab.client(peer, cpus),
+    let mut runs = peer_runs(lab, cpus, &[peer], variant, connections, seconds)?;
+    runs.pop().context("wrk returned no run")
+}
+
+/// wrk through each of `peers` at the same time.
+fn peer_runs(
+    lab: &Lab,
+    cpus: Cpus,
+    peers: &[Peer],
+    variant: Variant,
+    connections: u32,
+    seconds: u64,
+) -> Result<Vec<Run>> {
+    let legs = peers
+        .iter()
+        .map(|p| {
+            Ok(measure::Leg {
+                client: lab.client(*p, cpus),
+                proxy_pids: lab.pids(*p)?,
+                target: lab.target(*p).0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    measure::wrk_runs(
+        &legs,
         lab.servers.path(),
-        &lab.pids(peer)?,
         cpus,
-        target,
         variant.headers(),
         connections,
         seconds,
     )
-    .with_context(|| format!("{} ({})", peer.label(), variant.key()))
+    .with_context(|| {
+        format!(
+            "{} ({})",
+            peers
+                .iter()
+                .map(|p| p.label())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            variant.key()
+        )
+    })
 }
 
 /// Every peer answers, from the pods it should, at the split it should:
