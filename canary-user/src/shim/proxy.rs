@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
@@ -66,14 +66,18 @@ impl Flags {
 }
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
+/// Typed names: removing by `&str` re-parses the name on every call, and
+/// this runs twice per request.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
 ];
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
@@ -91,8 +95,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+    // Most requests carry none of them: skip the removals then.
+    if HOP_BY_HOP.iter().any(|n| h.contains_key(n)) {
+        for n in &HOP_BY_HOP {
+            h.remove(n);
+        }
     }
 }
 
@@ -102,7 +109,7 @@ pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
 }
 
 fn grpc_status_of(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    h.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Envoy's HTTP → gRPC status mapping for local replies.
@@ -549,7 +556,7 @@ impl Shim {
         let mut record = self.record(r, t, parts.status);
         record.grpc_status = parts
             .headers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         record.response_bytes = header_bytes(&parts.headers) + 17;
