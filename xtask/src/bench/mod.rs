@@ -32,11 +32,11 @@
 
 mod bpfstats;
 mod configs;
-mod cpu;
+pub(crate) mod cpu;
 mod iptables;
 mod report;
-mod world;
-mod wrk;
+pub(crate) mod world;
+pub(crate) mod wrk;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -525,13 +525,21 @@ impl Bins {
     }
 }
 
-fn target_dir() -> String {
+pub(crate) fn target_dir() -> String {
     std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())
 }
 
-fn release_bins(build: bool, pin: cpu::Pin) -> Result<Bins> {
+/// Builds (unless `build` is false) and locates the release binaries both
+/// benches run; `skip_flag` is the option that skipped the build, for the
+/// error when a binary is missing.
+pub(crate) fn release_bin_finder(
+    build: bool,
+    skip_flag: &str,
+) -> Result<impl Fn(&str) -> Result<PathBuf>> {
     if build {
-        say("bench: building release binaries (canary with its kernel object, backend, probe)");
+        say(
+            "bench: building release binaries (canary with its kernel object, backend, probe, http client)",
+        );
         setup::run(
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
                 "build",
@@ -545,14 +553,19 @@ fn release_bins(build: bool, pin: cpu::Pin) -> Result<Bins> {
         )?;
     }
     let dir = std::fs::canonicalize(PathBuf::from(target_dir()).join("release"))
-        .context("no target/release: build first (drop --no-build)")?;
-    let bin = |name: &str| -> Result<PathBuf> {
+        .with_context(|| format!("no target/release: build first (drop {skip_flag})"))?;
+    let skip_flag = skip_flag.to_owned();
+    Ok(move |name: &str| -> Result<PathBuf> {
         let p = dir.join(name);
         if !p.is_file() {
-            bail!("{} missing: build first (drop --no-build)", p.display());
+            bail!("{} missing: build first (drop {skip_flag})", p.display());
         }
         Ok(p)
-    };
+    })
+}
+
+fn release_bins(build: bool, pin: cpu::Pin) -> Result<Bins> {
+    let bin = release_bin_finder(build, "--no-build")?;
     Ok(Bins {
         canary: bin("canary")?,
         backend: bin("canary-backend")?,

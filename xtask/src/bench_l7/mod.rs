@@ -23,19 +23,10 @@
 //! `target/bench/l7.json`; `--l7-profile` adds system-call counts and
 //! `perf` profiles in `target/bench/l7-perf.txt`.
 //!
-//! The pieces of the L4 bench it reuses (`cpu.rs`, `world.rs`, `wrk.rs`)
-//! are compiled in from `../bench/` unchanged: that module keeps them
-//! private.
+//! It reuses the L4 bench's pieces: CPU placement and accounting, the
+//! world, and the wrk runner.
 
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "../bench/cpu.rs"]
-mod cpu;
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "../bench/world.rs"]
-mod world;
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "../bench/wrk.rs"]
-mod wrk;
+use crate::bench::{cpu, wrk};
 
 mod measure;
 mod peers;
@@ -55,7 +46,7 @@ use canary_tests::checkout::{Checkout, VIP4};
 use canary_tests::httpclient::{HttpArgs, run_http};
 use canary_tests::{TestCgroup, unique_prefix, wait_for_tcp};
 
-use crate::setup::{self, ensure_packages, say};
+use crate::setup::{ensure_packages, say};
 use measure::{Client, Cpus, Rss, Run};
 use peers::Proxy;
 
@@ -399,34 +390,8 @@ struct Bins {
     http: PathBuf,
 }
 
-fn target_dir() -> String {
-    std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())
-}
-
 fn release_bins(build: bool) -> Result<Bins> {
-    if build {
-        say("bench l7: building release binaries (no-op when the L4 part just built them)");
-        setup::run(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-                "build",
-                "--release",
-                "-p",
-                "canary-user",
-                "-p",
-                "canary-tests",
-                "--bins",
-            ]),
-        )?;
-    }
-    let dir = std::fs::canonicalize(PathBuf::from(target_dir()).join("release"))
-        .context("no target/release: build first (drop --l7-no-build)")?;
-    let bin = |name: &str| -> Result<PathBuf> {
-        let p = dir.join(name);
-        if !p.is_file() {
-            bail!("{} missing: build first (drop --l7-no-build)", p.display());
-        }
-        Ok(p)
-    };
+    let bin = crate::bench::release_bin_finder(build, "--l7-no-build")?;
     Ok(Bins {
         canary: bin("canary")?,
         backend: bin("canary-backend")?,
@@ -529,7 +494,7 @@ pub fn run(args: &L7Args) -> Result<()> {
         .env
         .insert("loadavg_end", read_trimmed("/proc/loadavg"));
     println!("{}", report::text(&results));
-    let dir = PathBuf::from(target_dir()).join("bench");
+    let dir = PathBuf::from(crate::bench::target_dir()).join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("l7.md"), report::markdown(&results))?;
     std::fs::write(
