@@ -289,26 +289,15 @@ impl From<&RequestRecord> for SeriesKey {
 impl EncodeLabelSet for SeriesKey {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         let code = self.response_code.to_string();
-        let (s, d) = (&self.source, &self.destination);
+        super::peer_labels(
+            &self.source,
+            &self.destination,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+        )
+        .encode(encoder)?;
         [
-            ("reporter", "destination"),
-            ("source_workload", s.workload.as_str()),
-            ("source_workload_namespace", s.namespace.as_str()),
-            ("source_app", s.app.as_str()),
-            ("source_version", s.version.as_str()),
-            ("destination_service", self.destination_service.as_str()),
-            (
-                "destination_service_name",
-                self.destination_service_name.as_str(),
-            ),
-            (
-                "destination_service_namespace",
-                self.destination_service_namespace.as_str(),
-            ),
-            ("destination_workload", d.workload.as_str()),
-            ("destination_workload_namespace", d.namespace.as_str()),
-            ("destination_app", d.app.as_str()),
-            ("destination_version", d.version.as_str()),
             ("request_protocol", self.protocol),
             ("response_code", code.as_str()),
             // Empty for non-gRPC, as Istio leaves it.

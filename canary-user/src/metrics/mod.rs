@@ -284,3 +284,28 @@ impl RequestObserver for Metrics {
         }
     }
 }
+
+/// The labels every Istio series shares: reporter, source and destination
+/// (HTTP and TCP series add their own after these).
+fn peer_labels<'a>(
+    s: &'a crate::observe::Workload,
+    d: &'a crate::observe::Workload,
+    service: &'a str,
+    name: &'a str,
+    namespace: &'a str,
+) -> [(&'static str, &'a str); 12] {
+    [
+        ("reporter", "destination"),
+        ("source_workload", &s.workload),
+        ("source_workload_namespace", &s.namespace),
+        ("source_app", &s.app),
+        ("source_version", &s.version),
+        ("destination_service", service),
+        ("destination_service_name", name),
+        ("destination_service_namespace", namespace),
+        ("destination_workload", &d.workload),
+        ("destination_workload_namespace", &d.namespace),
+        ("destination_app", &d.app),
+        ("destination_version", &d.version),
+    ]
+}
