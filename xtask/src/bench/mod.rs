@@ -206,6 +206,10 @@ pub struct Results {
     pub scenarios: Vec<Scenario>,
     /// (scenario key, mode) → one result per round.
     pub wrk: BTreeMap<(&'static str, &'static str), Vec<WrkResult>>,
+    /// scenario key → new-connection wrk runs made with the kernel's BPF
+    /// run-time accounting on (kept apart: the accounting's own clock
+    /// reads would slow canary's runs and not the direct ones).
+    pub kernel: BTreeMap<&'static str, Vec<WrkResult>>,
     /// scenario key → one timing per connect round (round i of every
     /// scenario ran in the same pass).
     pub connect: BTreeMap<&'static str, Vec<ConnectTiming>>,
@@ -339,6 +343,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.key))
             .collect(),
         wrk: BTreeMap::new(),
+        kernel: BTreeMap::new(),
         connect: BTreeMap::new(),
         sanity: BTreeMap::new(),
         weights: Vec::new(),
@@ -430,14 +435,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     lap(&mut results, "setup_s");
     sanity(&world, &bins, &mut results)?;
     lap(&mut results, "sanity_s");
-    say("bench: turning on the kernel's BPF run-time accounting for the run (BPF_ENABLE_STATS)");
-    let _stats = bpfstats::StatsGuard::enable()?;
+    throughput(&world, &mut results)?;
+    lap(&mut results, "throughput_s");
     let programs = (
         bpfstats::agent_programs(&world.small.pin_path)?,
         bpfstats::agent_programs(&world.large.pin_path)?,
     );
-    throughput(&world, &programs, &mut results)?;
-    lap(&mut results, "throughput_s");
+    kernel_cost(&world, &programs, &mut results)?;
+    lap(&mut results, "kernel_cost_s");
     connect_timing(
         &world,
         &bins,
@@ -670,13 +675,9 @@ fn sanity(world: &World, bins: &Bins, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-/// `rounds` × every scenario × both modes, with wrk. `programs` are the
-/// small and the large agent's kernel programs.
-fn throughput(
-    world: &World,
-    programs: &(bpfstats::Programs, bpfstats::Programs),
-    results: &mut Results,
-) -> Result<()> {
+/// `rounds` × every scenario × both modes, with wrk (the kernel's BPF
+/// accounting off, as in production).
+fn throughput(world: &World, results: &mut Results) -> Result<()> {
     let n = results.scenarios.len();
     let per_run = results.load.duration.as_secs_f64();
     say(format!(
@@ -696,15 +697,10 @@ fn throughput(
             } else {
                 [Mode::KeepAlive, Mode::NewConn]
             };
-            let progs = match s.client {
-                ClientId::CanarySmall => Some(&programs.0),
-                ClientId::CanaryLarge => Some(&programs.1),
-                _ => None,
-            };
             for mode in modes {
                 let r = loop {
                     check_interrupted()?;
-                    let r = measure(world, results, s, mode, progs)?;
+                    let r = measure(world, results, s, mode, None)?;
                     let others = r.background_share(results.cpus);
                     say(format!(
                         "bench:   round {}/{} {:<28} {:<10} {:>9.0} req/s {:>6.1} µs CPU/req, \
@@ -742,6 +738,45 @@ fn throughput(
                 results.wrk.entry((s.key, mode.key())).or_default().push(r);
             }
         }
+    }
+    Ok(())
+}
+
+/// canary's in-kernel cost per new connection: one wrk run per canary
+/// scenario with the kernel's BPF run-time accounting on (only for this
+/// phase: it adds clock reads to every program run). `programs` are the
+/// small and the large agent's kernel programs.
+fn kernel_cost(
+    world: &World,
+    programs: &(bpfstats::Programs, bpfstats::Programs),
+    results: &mut Results,
+) -> Result<()> {
+    let canary: Vec<&Scenario> = results
+        .scenarios
+        .iter()
+        .filter(|s| matches!(s.client, ClientId::CanarySmall | ClientId::CanaryLarge))
+        .collect();
+    if canary.is_empty() {
+        return Ok(());
+    }
+    say(
+        "bench: canary's kernel cost: one new-connection run per canary scenario with the kernel's BPF run-time accounting on (BPF_ENABLE_STATS)",
+    );
+    let _stats = bpfstats::StatsGuard::enable()?;
+    let mut measured = Vec::new();
+    for s in canary {
+        check_interrupted()?;
+        let progs = match s.client {
+            ClientId::CanaryLarge => &programs.1,
+            _ => &programs.0,
+        };
+        measured.push((
+            s.key,
+            measure(world, results, s, Mode::NewConn, Some(progs))?,
+        ));
+    }
+    for (key, r) in measured {
+        results.kernel.entry(key).or_default().push(r);
     }
     Ok(())
 }
