@@ -2,6 +2,7 @@
 //! then serve the admin socket and watch the files until told to stop.
 //! Stopping (even SIGKILL) leaves the pinned data path running.
 
+mod memory;
 mod netns;
 mod overrides;
 mod shim_host;
@@ -108,6 +109,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::spawn(server::serve(listener, agent.clone()));
     tracing::info!(socket = %opts.admin_socket.display(), "admin socket ready");
 
+    // Loading parsed the kernel's BTF and the object: give that back.
+    memory::release_free_heap();
+    let mut trimmer = memory::Trimmer::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -117,6 +121,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 // listing changes.
                 agent.refresh_namespaces().await;
                 agent.sync_ejections();
+                trimmer.tick(agent.shim_requests());
                 let now = watch::fingerprint(&opts.config);
                 if now != seen {
                     // Editors and scripts write files in steps (truncate,

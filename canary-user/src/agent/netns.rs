@@ -104,12 +104,13 @@ impl SocketFactory {
         ))
     }
 
-    /// A listener bound to `addr` inside `netns`.
+    /// A listener bound to `addr` inside `netns`, non-blocking, not yet
+    /// registered with any runtime (the one that accepts on it must).
     pub async fn listener(
         &self,
         netns: Option<std::sync::Arc<File>>,
         addr: SocketAddr,
-    ) -> io::Result<tokio::net::TcpListener> {
+    ) -> io::Result<std::net::TcpListener> {
         let fd = self
             .run(
                 netns,
@@ -120,6 +121,6 @@ impl SocketFactory {
             .await?;
         let std = std::net::TcpListener::from(fd);
         std.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(std)
+        Ok(std)
     }
 }

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::netns::SocketFactory;
@@ -25,6 +26,9 @@ type NamespaceFiles = Arc<RwLock<HashMap<u64, Arc<File>>>>;
 
 pub struct ShimHost {
     pub shim: Arc<Shim>,
+    /// The shim's own runtime (see `start_runtime`): every connection,
+    /// upstream connection and mirror task runs there.
+    runtime: Handle,
     orig: Arc<OrigDst>,
     factory: SocketFactory,
     port: u16,
@@ -72,6 +76,7 @@ impl ShimHost {
         own_cookie: u64,
         build: impl FnOnce(Arc<dyn Connector>) -> Arc<Shim>,
     ) -> io::Result<Arc<Self>> {
+        let runtime = start_runtime()?;
         let factory = SocketFactory::start()?;
         let files: NamespaceFiles = Arc::default();
         let connector = Arc::new(NetnsConnector {
@@ -80,6 +85,7 @@ impl ShimHost {
         });
         Ok(Arc::new(Self {
             shim: build(connector),
+            runtime,
             orig: Arc::new(orig),
             factory,
             port,
@@ -163,9 +169,10 @@ impl ShimHost {
                     .listener(file.clone(), SocketAddr::new(ip, self.port))
                     .await
                 {
-                    Ok(listener) => {
-                        tasks.push(tokio::spawn(self.clone().accept_loop(listener, cookie)))
-                    }
+                    Ok(listener) => tasks.push(
+                        self.runtime
+                            .spawn(self.clone().accept_loop(listener, cookie)),
+                    ),
                     // No IPv6 loopback in that namespace, or the port is
                     // taken by the pod itself: say so, keep going.
                     Err(e) => tracing::debug!(netns = cookie, %ip, error = %e, "no shim listener"),
@@ -185,7 +192,16 @@ impl ShimHost {
         clients.extend(ids.iter().map(|(c, a)| (*c, *a)));
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, netns: u64) {
+    /// Runs on the shim's runtime, so the listener and the connections it
+    /// accepts are driven there too.
+    async fn accept_loop(self: Arc<Self>, listener: std::net::TcpListener, netns: u64) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(netns, error = %e, "shim listener could not be registered");
+                return;
+            }
+        };
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
@@ -225,4 +241,20 @@ impl ShimHost {
             tokio::spawn(self.shim.clone().serve_connection(stream, conn));
         }
     }
+}
+
+/// Starts the shim's runtime: one thread, a current-thread scheduler. A
+/// request then never crosses threads (no work-stealing queues, no
+/// cross-thread wake-ups), as in nginx's single-threaded workers, and the
+/// control plane (reloads that compile thousands of services, scrapes,
+/// the admin socket) runs on the agent's runtime without stalling it.
+fn start_runtime() -> io::Result<Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("canary-shim".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
 }

@@ -161,6 +161,11 @@ impl Agent {
     }
 
     /// Mirrors the shim's outlier ejections into the kernel's tables.
+    /// Requests the shim received so far.
+    pub fn shim_requests(&self) -> u64 {
+        self.shim.shim.requests_received()
+    }
+
     pub fn sync_ejections(&self) {
         let now: Ejected = self.shim.shim.ejected().into_iter().collect();
         let mut inner = self.lock();

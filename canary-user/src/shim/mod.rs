@@ -33,11 +33,13 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
@@ -123,6 +125,10 @@ pub struct ConnInfo {
     pub source_pod: Option<SourcePod>,
 }
 
+/// One request's future, boxed (see `Shim::service`).
+type RequestFuture =
+    Pin<Box<dyn Future<Output = Result<Response<body::RespBody>, Infallible>> + Send>>;
+
 /// Per connection, shared by its requests.
 pub(crate) struct ConnCtx {
     pub info: ConnInfo,
@@ -139,6 +145,8 @@ pub struct Shim {
     health: Mutex<table::HealthMap>,
     pool: Arc<upstream::Pool>,
     mirrors_in_flight: AtomicUsize,
+    /// Requests received so far (lets the agent tell a quiet shim).
+    requests: AtomicU64,
     epoch: Instant,
     server: auto::Builder<TokioExecutor>,
 }
@@ -162,6 +170,7 @@ impl Shim {
             table: ArcSwap::from_pointee(table::Table::empty()),
             health: Mutex::default(),
             mirrors_in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             epoch: Instant::now(),
             server,
         })
@@ -215,12 +224,7 @@ impl Shim {
             .map(|p| crate::metrics::workload_of(&p.name, &p.namespace, &p.labels, &[]))
             .unwrap_or_else(Workload::unknown);
         let ctx = Arc::new(ConnCtx { info: conn, source });
-        let shim = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let shim = shim.clone();
-            let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(shim.handle(req, &ctx).await) }
-        });
+        let service = self.service(ctx);
         if let Err(e) = self
             .server
             .serve_connection(TokioIo::new(stream), service)
@@ -228,6 +232,35 @@ impl Shim {
         {
             tracing::debug!(error = %e, "shim connection ended with an error");
         }
+    }
+
+    /// The hyper service of one connection. hyper keeps a box the size of
+    /// its future for every open connection, idle or not, so the request
+    /// future (several KiB: retries, mirrors, timeouts) is boxed per
+    /// request instead: 1000 idle keep-alive connections then hold ~6 MiB
+    /// less.
+    fn service(
+        self: &Arc<Self>,
+        ctx: Arc<ConnCtx>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<body::RespBody>,
+        Error = Infallible,
+        Future = RequestFuture,
+    > + Clone
+    + use<> {
+        let shim = self.clone();
+        hyper::service::service_fn(move |req| {
+            shim.requests.fetch_add(1, Ordering::Relaxed);
+            let shim = shim.clone();
+            let ctx = ctx.clone();
+            Box::pin(async move { Ok(shim.handle(req, &ctx).await) }) as RequestFuture
+        })
+    }
+
+    /// Requests received since the shim started.
+    pub fn requests_received(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the shim started (outlier detection's clock).

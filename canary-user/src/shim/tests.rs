@@ -1495,3 +1495,37 @@ async fn an_update_swaps_routes_for_the_next_request_on_a_kept_alive_connection(
     // it (a connection racing a config change), but does not claim it.
     assert!(!w.shim.serves(VIP.parse().expect("vip")));
 }
+
+/// hyper keeps a box the size of the service's future for every open
+/// connection, idle or not; the service must box its big request future.
+#[test]
+fn idle_connections_hold_a_small_service_future() {
+    fn size<F: Future>(_: impl FnOnce(Request<Incoming>) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    let shim = Shim::new(
+        ShimOptions::default(),
+        Arc::new(PlainConnector),
+        Arc::new(Recorder::default()),
+    );
+    let ctx = Arc::new(ConnCtx {
+        info: ConnInfo {
+            orig_dst: SocketAddr::from(([10, 96, 0, 10], 8080)),
+            peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            client_ip: None,
+            netns: 0,
+            source_pod: None,
+        },
+        source: Workload::unknown(),
+    });
+    let unboxed = size(|req| {
+        let (shim, ctx) = (shim.clone(), ctx.clone());
+        async move { shim.handle(req, &ctx).await }
+    });
+    let service = shim.service(ctx.clone());
+    let boxed = size(|req| hyper::service::Service::call(&service, req));
+    assert!(
+        boxed <= 128 && unboxed > 4 * boxed,
+        "service future {boxed} bytes, request future {unboxed} bytes"
+    );
+}

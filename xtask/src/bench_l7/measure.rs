@@ -363,9 +363,15 @@ pub fn idle_script(n: u32) -> String {
     )
 }
 
+/// How long the connections stay open (each after its one request) before
+/// RSS is read: long enough that the reading is of idle connections, not of
+/// the burst that opened them (an agent may hand freed memory back once
+/// idle; nginx and HAProxy do not move).
+const IDLE_BEFORE_RSS: Duration = Duration::from_secs(3);
+
 /// Opens `n` connections through the proxy with wrk (`script` from
-/// [`idle_script`]), waits until the proxy holds them and its descriptor
-/// count settles, reads RSS, then stops wrk (SIGINT, so it reports) and
+/// [`idle_script`]), waits until the proxy holds them, its descriptor
+/// count settles and [`IDLE_BEFORE_RSS`] has passed, reads RSS, then stops wrk (SIGINT, so it reports) and
 /// waits for the proxy to close them.
 pub fn rss_at(
     client: &Client<'_>,
@@ -406,7 +412,7 @@ pub fn rss_at(
         } else {
             (now, 0)
         };
-        if now >= n as usize && last.1 >= 3 {
+        if now >= n as usize && last.1 >= 3 && started.elapsed() >= IDLE_BEFORE_RSS {
             break (now, rss_anon_kib(&pids)?);
         }
         if Instant::now() > deadline {

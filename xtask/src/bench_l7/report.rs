@@ -489,7 +489,7 @@ pub fn markdown(r: &Results) -> String {
          medians, ± half the spread. CPU is utime+stime of the proxy's processes \
          (`/proc/<pid>/stat`; nginx master + worker; for canary the whole agent, idle work \
          included). RSS is VmRSS while {} idle keep-alive connections (one request each) are \
-         open.\n",
+         open, read once they have been open for 3 s.\n",
         a.connections, a.seconds, a.rounds, a.idle_connections
     );
     let _ = writeln!(s, "| {} |", HEADERS.join(" | "));
