@@ -129,8 +129,12 @@ impl Pool {
         connect_timeout: Duration,
         req: Request<ReqBody>,
     ) -> SendResult {
+        // Every request's future holds this one; the h2 path and opening a
+        // connection are boxed so the common case (a pooled HTTP/1.1
+        // connection) stays small: request futures are moved by value at
+        // every `.await` that starts one, so their size is paid per request.
         if key.h2 {
-            self.send_h2(connector, key, connect_timeout, req).await
+            Box::pin(self.send_h2(connector, key, connect_timeout, req)).await
         } else {
             self.send_h1(connector, key, connect_timeout, req).await
         }
@@ -156,21 +160,9 @@ impl Pool {
                 },
             }
         }
-        let stream = match connect(connector, key, connect_timeout).await {
-            Ok(s) => s,
+        let mut sender = match Box::pin(open_h1(connector, key, connect_timeout)).await {
+            Ok(sender) => sender,
             Err(e) => return Err((e, Some(req))),
-        };
-        let mut sender = match http1::handshake(TokioIo::new(stream)).await {
-            Ok((mut sender, conn)) => {
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                match sender.ready().await {
-                    Ok(()) => sender,
-                    Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
-                }
-            }
-            Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
         };
         match sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, Some(self.pooled(key, sender)))),
@@ -232,6 +224,27 @@ impl Pool {
             }
         }
     }
+}
+
+/// A new HTTP/1.1 connection, ready for a request; its connection task
+/// runs on its own.
+async fn open_h1(
+    connector: &dyn Connector,
+    key: Key,
+    connect_timeout: Duration,
+) -> Result<http1::SendRequest<ReqBody>, SendError> {
+    let stream = connect(connector, key, connect_timeout).await?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| SendError::Connect(io::Error::other(e)))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+        .ready()
+        .await
+        .map_err(|e| SendError::Connect(io::Error::other(e)))?;
+    Ok(sender)
 }
 
 async fn connect(
