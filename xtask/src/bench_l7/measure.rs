@@ -398,27 +398,36 @@ pub fn rss_at(
     let started = Instant::now();
     let mut child = spawn_in(cmd, Some(client.netns), Some(client.cgroup))?;
     let deadline = started + Duration::from_secs(15);
+    // First, all client sockets in and no change for 3 polls.
     let mut last = (0usize, 0u32);
-    let (extra_fds, (loaded_kib, loaded_anon_kib)) = loop {
+    loop {
         std::thread::sleep(Duration::from_millis(100));
         if let Some(status) = child.try_wait()? {
             bail!("wrk exited early ({status}) while opening {n} connections");
         }
-        let pids = proxy_pids()?;
-        let now = fds(&pids)?.saturating_sub(fds0);
-        // Settled: all client sockets in, and no change for 3 polls.
+        let now = fds(&proxy_pids()?)?.saturating_sub(fds0);
         last = if now == last.0 {
             (now, last.1 + 1)
         } else {
             (now, 0)
         };
-        if now >= n as usize && last.1 >= 3 && started.elapsed() >= IDLE_BEFORE_RSS {
-            break (now, rss_anon_kib(&pids)?);
+        if now >= n as usize && last.1 >= 3 {
+            break;
         }
         if Instant::now() > deadline {
             bail!("the proxy holds {now} more descriptors, not {n}, after 15 s");
         }
-    };
+    }
+    // Then idle until the reading. The descriptor count may drop
+    // meanwhile without any client leaving: a proxy closes idle upstream
+    // connections its pool kept from earlier runs (HAProxy after 5 s).
+    std::thread::sleep(IDLE_BEFORE_RSS.saturating_sub(started.elapsed()));
+    if let Some(status) = child.try_wait()? {
+        bail!("wrk exited early ({status}) while holding {n} connections");
+    }
+    let pids = proxy_pids()?;
+    let extra_fds = fds(&pids)?.saturating_sub(fds0);
+    let (loaded_kib, loaded_anon_kib) = rss_anon_kib(&pids)?;
     let settle_ms = started.elapsed().as_millis() as u64;
     child.kill_with(libc::SIGINT)?;
     let out = child.wait_with_output(Duration::from_secs(10))?;
