@@ -481,8 +481,8 @@ pub fn markdown(r: &Results) -> String {
          `cargo xtask bench` (as root), L7 part: the composite-routing example \
          (`x-canary-user: true` → v2, everything else 95/5 between v1 and v2, chosen per \
          request), the same three backend pods and the same split for every proxy. Each proxy \
-         runs single-worker in the client's network namespace: canary's shim (the agent's tokio \
-         runtime, 1 worker; wrk dials the VIP and the kernel redirects it), nginx \
+         runs single-worker in the client's network namespace: canary's shim (the agent's \
+         single-threaded shim runtime; wrk dials the VIP and the kernel redirects it), nginx \
          (`worker_processes 1`, `split_clients` on `$request_id`, `map` on the header, keep-alive \
          upstreams, access log off), HAProxy (`nbthread 1`, header ACL then `rand(100) lt 5`, \
          `http-reuse always`, no log). wrk -t1 -c{} -d{}s keep-alive, {} rounds in rotated order; \
