@@ -58,7 +58,7 @@ pub fn run(config: &str) -> Result<()> {
 
     let canary = agent.bin.display().to_string();
     println!(
-        "canary is serving the checkout example. In another terminal, as root:\n\n\
+        "canary is serving {config} on the checkout pods. In another terminal, as root:\n\n\
          \x20 # a shell in the demo client's network namespace and cgroup\n\
          \x20 nsenter --net=/run/netns/{prefix}-client sh -c 'echo $$ > {cg}/cgroup.procs && exec bash'\n\
          \x20 for i in $(seq 100); do curl -s http://10.96.0.10:8080/; done | sort | uniq -c\n\
