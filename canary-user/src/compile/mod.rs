@@ -63,13 +63,8 @@ pub fn compile_with_warnings(cfg: &LoadedConfig) -> (RoutingTable, Vec<ConfigWar
         });
     }
     services.sort_by(|a, b| a.host.cmp(&b.host));
-    let mut unique: Vec<ConfigWarning> = Vec::with_capacity(warnings.len());
-    for w in warnings {
-        if !unique.contains(&w) {
-            unique.push(w);
-        }
-    }
-    (RoutingTable { services }, unique)
+    crate::config::dedup_warnings(&mut warnings);
+    (RoutingTable { services }, warnings)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! object and the field, says what is wrong and, for errors, what would be
 //! valid: the operator should be able to fix the YAML from the message alone.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,7 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// Something the node will do that the operator may not expect (an object
 /// ignored, a pod skipped, a fallback route). Never rejects the config.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ConfigWarning {
     pub file: PathBuf,
     pub line: Option<usize>,
@@ -140,6 +141,9 @@ pub(crate) struct Origin {
 pub(crate) struct Diagnostics {
     pub errors: Vec<ConfigError>,
     pub warnings: Vec<ConfigWarning>,
+    /// The warnings already recorded (a config of 10,000 services can
+    /// carry as many warnings: a linear search each would be quadratic).
+    seen: HashSet<ConfigWarning>,
 }
 
 impl Diagnostics {
@@ -172,10 +176,16 @@ impl Diagnostics {
             message: message.into(),
         };
         // The same fact is often found once per port or per route.
-        if !self.warnings.contains(&warning) {
+        if self.seen.insert(warning.clone()) {
             self.warnings.push(warning);
         }
     }
+}
+
+/// Drops repeated warnings, keeping the first of each in order.
+pub fn dedup_warnings(warnings: &mut Vec<ConfigWarning>) {
+    let mut seen = HashSet::with_capacity(warnings.len());
+    warnings.retain(|w| seen.insert(w.clone()));
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -185,6 +195,31 @@ fn non_empty(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_warnings_are_dropped_and_the_order_kept() {
+        let w = |m: &str| ConfigWarning {
+            file: "a.yaml".into(),
+            line: Some(1),
+            object: None,
+            field: None,
+            message: m.into(),
+        };
+        let mut ws = vec![w("b"), w("a"), w("b"), w("c"), w("a")];
+        dedup_warnings(&mut ws);
+        let messages: Vec<&str> = ws.iter().map(|w| w.message.as_str()).collect();
+        assert_eq!(messages, ["b", "a", "c"]);
+        let mut d = Diagnostics::default();
+        let at = Origin {
+            file: "a.yaml".into(),
+            line: Some(1),
+            object: None,
+        };
+        d.warn(&at, "f", "same");
+        d.warn(&at, "f", "same");
+        d.warn(&at, "g", "same");
+        assert_eq!(d.warnings.len(), 2);
+    }
 
     #[test]
     fn display_names_file_object_field_and_valid() {

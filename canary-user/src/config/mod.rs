@@ -16,7 +16,7 @@ mod load;
 mod model;
 mod validate;
 
-pub use error::{ConfigError, ConfigErrors, ConfigWarning};
+pub use error::{ConfigError, ConfigErrors, ConfigWarning, dedup_warnings};
 pub use load::{load_documents, load_path, load_str};
 pub use model::{
     ContainerPort, DestinationRule, LoadedConfig, ObjectKind, ObjectMeta, OwnerReference, Pod,
