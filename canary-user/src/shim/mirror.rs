@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Request, Uri, Version};
+use http::{Request, Version};
 use http_body_util::BodyExt;
 
 use super::body::{Replay, header_bytes};
 use super::policy::split_host_port;
-use super::proxy::{Flags, is_grpc};
+use super::proxy::{Flags, is_grpc, upstream_uri};
 use super::table::Mirror;
 use super::upstream::Key;
 use super::{ConnCtx, Shim};
@@ -79,16 +79,7 @@ impl Shim {
             headers.insert(header::HOST, v);
         }
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = if h2 {
-            Uri::builder()
-                .scheme("http")
-                .authority(authority.as_str())
-                .path_and_query(pq)
-                .build()
-        } else {
-            Uri::builder().path_and_query(pq).build()
-        };
-        let Ok(uri) = uri else {
+        let Ok(uri) = upstream_uri(h2, &authority, pq) else {
             drop(slot);
             dropped();
             return;

@@ -300,16 +300,7 @@ impl Shim {
             .as_deref()
             .or_else(|| parts.uri.path_and_query().map(|p| p.as_str()))
             .unwrap_or("/");
-        let uri = if h2 {
-            Uri::builder()
-                .scheme("http")
-                .authority(authority.as_str())
-                .path_and_query(pq)
-                .build()
-        } else {
-            Uri::builder().path_and_query(pq).build()
-        };
-        match uri {
+        match upstream_uri(h2, &authority, pq) {
             Ok(u) => parts.uri = u,
             Err(_) => {
                 let t = Target {
@@ -719,6 +710,20 @@ fn rewrite_path(u: &UriRewrite, route: &Route, parts: &Parts) -> String {
     match query {
         Some(q) => format!("{new_path}?{q}"),
         None => new_path,
+    }
+}
+
+/// The request target upstream: origin-form for HTTP/1.1, and for h2 the
+/// scheme and authority too (h2 carries them as pseudo-headers).
+pub(crate) fn upstream_uri(h2: bool, authority: &str, path_and_query: &str) -> http::Result<Uri> {
+    if h2 {
+        Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+    } else {
+        Uri::builder().path_and_query(path_and_query).build()
     }
 }
 

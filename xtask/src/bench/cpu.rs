@@ -130,7 +130,8 @@ impl Drop for Boost {
     }
 }
 
-fn allowed_cpus() -> Vec<usize> {
+/// The CPUs this process may run on.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     // SAFETY: all-zero bytes are a valid cpu_set_t.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid cpu_set_t of the size passed.

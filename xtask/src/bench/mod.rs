@@ -918,34 +918,37 @@ fn weights_latency(world: &World, bins: &Bins) -> Result<Vec<WeightsTrial>> {
     result.map(|()| trials)
 }
 
-fn read_trimmed(path: &str) -> String {
+pub(crate) fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
 
-fn environment(backend: Backend) -> BTreeMap<&'static str, String> {
-    // The first line a tool prints about itself (some print their version
-    // on stderr, or exit non-zero after it), or "" if it cannot be run.
-    let first_line = |program: &str, args: &[&str]| -> String {
-        Command::new(program)
-            .args(args)
-            .output()
-            .map(|o| {
-                let text = if o.stdout.is_empty() {
-                    o.stderr
-                } else {
-                    o.stdout
-                };
-                String::from_utf8_lossy(&text)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            })
-            .unwrap_or_default()
-    };
+/// The first line a tool prints about itself (some print their version on
+/// stderr, or exit non-zero after it), or "" if it cannot be run.
+pub(crate) fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// What both bench reports say about the machine and the checkout: kernel,
+/// CPUs, load at the start, commit.
+pub(crate) fn machine_environment() -> BTreeMap<&'static str, String> {
     // git's answer only when it succeeds (not its error outside a checkout).
     let git = |args: &[&str]| -> Option<String> {
         let out = Command::new("git").args(args).output().ok()?;
@@ -975,11 +978,16 @@ fn environment(backend: Backend) -> BTreeMap<&'static str, String> {
             .unwrap_or_default(),
     );
     env.insert("loadavg_start", read_trimmed("/proc/loadavg"));
+    env.insert("commit", commit);
+    env
+}
+
+fn environment(backend: Backend) -> BTreeMap<&'static str, String> {
+    let mut env = machine_environment();
     env.insert("wrk", first_line("wrk", &["--version"]));
     env.insert(
         "iptables",
         first_line(backend.restore_bin(), &["--version"]),
     );
-    env.insert("commit", commit);
     env
 }

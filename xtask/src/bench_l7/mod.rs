@@ -26,7 +26,7 @@
 //! It reuses the L4 bench's pieces: CPU placement and accounting, the
 //! world, and the wrk runner.
 
-use crate::bench::{cpu, wrk};
+use crate::bench::{cpu, first_line, machine_environment, read_trimmed, wrk};
 
 mod measure;
 mod peers;
@@ -36,7 +36,6 @@ mod report;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -516,7 +515,7 @@ pub fn run(args: &L7Args) -> Result<()> {
 /// the proxies' (and, with `same`, everyone's): the L4 part and the tests
 /// pin to the first one, so a run beside them collides less.
 fn placement(pin: cpu::Pin) -> (Cpus, String) {
-    let allowed = allowed_cpus();
+    let allowed = cpu::allowed_cpus();
     match (pin, allowed.first(), allowed.last()) {
         (cpu::Pin::Split, Some(&first), Some(&last)) if first != last => (
             Cpus {
@@ -536,21 +535,6 @@ fn placement(pin: cpu::Pin) -> (Cpus, String) {
             format!("proxies, wrk and the backends all pinned to CPU {last}"),
         ),
     }
-}
-
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: all-zero bytes are a valid cpu_set_t.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
-    if rc != 0 {
-        return Vec::new();
-    }
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `c` is below CPU_SETSIZE, inside `set`.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
 }
 
 /// A run that saw socket errors (wrk's 2 s timeout: the CPU was taken
@@ -891,52 +875,10 @@ fn sanity(lab: &Lab, bins: &Bins, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
 fn environment() -> BTreeMap<&'static str, String> {
-    let cmd = |program: &str, args: &[&str]| -> String {
-        Command::new(program)
-            .args(args)
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            })
-            .unwrap_or_default()
-    };
-    let (nginx, haproxy) = peers::versions();
-    let mut env = BTreeMap::new();
-    env.insert("kernel", read_trimmed("/proc/sys/kernel/osrelease"));
-    env.insert(
-        "cpus",
-        std::thread::available_parallelism()
-            .map(|n| n.to_string())
-            .unwrap_or_default(),
-    );
-    env.insert("loadavg_start", read_trimmed("/proc/loadavg"));
-    env.insert("nginx", nginx);
-    env.insert("haproxy", haproxy);
-    let dirty = !cmd("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    env.insert(
-        "commit",
-        format!(
-            "{}{}",
-            cmd("git", &["rev-parse", "--short", "HEAD"]),
-            if dirty {
-                " (with uncommitted changes)"
-            } else {
-                ""
-            }
-        ),
-    );
+    let mut env = machine_environment();
+    env.insert("nginx", first_line("nginx", &["-v"]));
+    env.insert("haproxy", first_line("haproxy", &["-v"]));
     env
 }
 

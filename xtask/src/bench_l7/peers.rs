@@ -287,30 +287,6 @@ pub fn haproxy(prefix: &str, dir: &Path, netns: &Netns, cpu: Option<usize>) -> R
     )
 }
 
-/// `nginx -v` / `haproxy -v`, first line, for the report.
-pub fn versions() -> (String, String) {
-    let first = |program: &str| {
-        Command::new(program)
-            .arg("-v")
-            .output()
-            .map(|o| {
-                let text = if o.stdout.is_empty() {
-                    o.stderr
-                } else {
-                    o.stdout
-                };
-                String::from_utf8_lossy(&text)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            })
-            .unwrap_or_default()
-    };
-    (first("nginx"), first("haproxy"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
