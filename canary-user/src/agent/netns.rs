@@ -16,6 +16,9 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
+/// The shim listeners' accept queue (nginx's own default is 511).
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
 type Job = Box<dyn FnOnce() -> io::Result<OwnedFd> + Send>;
 
 struct Request {
@@ -119,8 +122,51 @@ impl SocketFactory {
                 Box::new(move || Ok(OwnedFd::from(std::net::TcpListener::bind(addr)?))),
             )
             .await?;
+        // std listens with a backlog of 128. Every pod on the node that
+        // opens connections to an L7 service at once lands in this queue:
+        // beyond it, the kernel drops handshakes and clients wait out SYN
+        // retransmits (1 s, 3 s, 7 s, ...). Listening again only raises the
+        // queue; the kernel caps it at `net.core.somaxconn`.
+        // SAFETY: `fd` is a bound, listening TCP socket this function owns.
+        if unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         let std = std::net::TcpListener::from(fd);
         std.set_nonblocking(true)?;
         Ok(std)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept queue the kernel reports for a listener (`ss`'s Send-Q).
+    fn backlog(port: u16) -> u32 {
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        fields[2]
+            .parse()
+            .unwrap_or_else(|_| panic!("ss output: {text}"))
+    }
+
+    #[tokio::test]
+    async fn shim_listeners_queue_more_than_std_s_128_handshakes() {
+        let factory = SocketFactory::start().expect("factory");
+        let listener = factory
+            .listener(None, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .expect("somaxconn")
+            .trim()
+            .parse()
+            .expect("number");
+        assert_eq!(backlog(port), somaxconn.min(LISTEN_BACKLOG as u32));
     }
 }

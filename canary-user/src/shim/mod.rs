@@ -16,13 +16,15 @@
 //! - `policy`: retries, faults, header edits, rewrites, redirects;
 //! - `proxy`: the request path (faults, retries, timeouts, records);
 //! - `mirror`: fire-and-forget copies;
-//! - `upstream`: the connection pool; `body`: streamed and replayed bodies.
+//! - `upstream`: the connection pool; `body`: streamed and replayed bodies;
+//! - `preface`: HTTP/1.1 or h2c, from a connection's first bytes.
 
 mod balance;
 mod body;
 mod matcher;
 mod mirror;
 mod policy;
+mod preface;
 mod proxy;
 mod table;
 mod upstream;
@@ -40,6 +42,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
@@ -148,7 +151,10 @@ pub struct Shim {
     /// Requests received so far (lets the agent tell a quiet shim).
     requests: AtomicU64,
     epoch: Instant,
-    server: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// For a connection whose first bytes do not tell (see `preface`).
+    auto: auto::Builder<TokioExecutor>,
 }
 
 // === impl Shim ===
@@ -159,9 +165,13 @@ impl Shim {
         connector: Arc<dyn Connector>,
         observer: Arc<dyn RequestObserver>,
     ) -> Arc<Self> {
-        let mut server = auto::Builder::new(TokioExecutor::new());
-        server.http1().timer(TokioTimer::new()).keep_alive(true);
-        server.http2().timer(TokioTimer::new());
+        let mut http1 = http1::Builder::new();
+        http1.timer(TokioTimer::new()).keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new()).keep_alive(true);
+        auto.http2().timer(TokioTimer::new());
         Arc::new(Self {
             pool: upstream::Pool::new(options.max_idle_per_endpoint),
             options,
@@ -172,7 +182,9 @@ impl Shim {
             mirrors_in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             epoch: Instant::now(),
-            server,
+            http1,
+            http2,
+            auto,
         })
     }
 
@@ -225,11 +237,28 @@ impl Shim {
             .unwrap_or_else(Workload::unknown);
         let ctx = Arc::new(ConnCtx { info: conn, source });
         let service = self.service(ctx);
-        if let Err(e) = self
-            .server
-            .serve_connection(TokioIo::new(stream), service)
-            .await
-        {
+        let protocol = match preface::peek(&stream).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "shim connection ended before its first request");
+                return;
+            }
+        };
+        let io = TokioIo::new(stream);
+        let ended = match protocol {
+            preface::Protocol::Http1 => self
+                .http1
+                .serve_connection(io, service)
+                .await
+                .map_err(Into::into),
+            // Boxed: the task of every open connection is as big as this
+            // future's largest state, and HTTP/1.1's is half of theirs.
+            preface::Protocol::Http2 => Box::pin(self.http2.serve_connection(io, service))
+                .await
+                .map_err(Into::into),
+            preface::Protocol::Undecided => Box::pin(self.auto.serve_connection(io, service)).await,
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "shim connection ended with an error");
         }
     }

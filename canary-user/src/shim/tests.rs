@@ -1529,3 +1529,29 @@ fn idle_connections_hold_a_small_service_future() {
         "service future {boxed} bytes, request future {unboxed} bytes"
     );
 }
+
+/// Every open connection is a task as big as `serve_connection`'s future:
+/// the HTTP/1.1 connection is held inline, the rarer h2c and undecided
+/// ones are boxed.
+#[tokio::test]
+async fn idle_connections_are_small_tasks() {
+    let shim = Shim::new(
+        ShimOptions::default(),
+        Arc::new(PlainConnector),
+        Arc::new(Recorder::default()),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stream = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let conn = ConnInfo {
+        orig_dst: SocketAddr::from(([10, 96, 0, 10], 8080)),
+        peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        client_ip: None,
+        netns: 0,
+        source_pod: None,
+    };
+    let task = shim.clone().serve_connection(stream, conn);
+    let size = std::mem::size_of_val(&task);
+    assert!(size <= 1280, "serve_connection future {size} bytes");
+}
