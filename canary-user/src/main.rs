@@ -178,6 +178,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
             };
+            // Before any thread starts: arenas are made per thread.
+            agent::memory::use_one_arena();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()

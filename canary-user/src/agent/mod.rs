@@ -2,7 +2,7 @@
 //! then serve the admin socket and watch the files until told to stop.
 //! Stopping (even SIGKILL) leaves the pinned data path running.
 
-mod memory;
+pub mod memory;
 mod netns;
 mod overrides;
 mod shim_host;
