@@ -65,6 +65,23 @@ impl Flags {
     }
 }
 
+/// The response with the first frame of a small body taken (see
+/// `RespBody::prefetch`), within the route's timeout as the wait for the
+/// head was; past it, the body streams as it comes.
+async fn prefetched(
+    mut resp: Response<RespBody>,
+    deadline: Option<TokioInstant>,
+) -> Response<RespBody> {
+    let prefetch = resp.body_mut().prefetch();
+    match deadline {
+        Some(at) => {
+            let _ = tokio::time::timeout_at(at, prefetch).await;
+        }
+        None => prefetch.await,
+    }
+    resp
+}
+
 /// Headers that belong to one hop (RFC 9110 §7.6.1), never forwarded.
 /// Typed names: removing by `&str` re-parses the name on every call, and
 /// this runs twice per request.
@@ -418,16 +435,17 @@ impl Shim {
                     };
                     self.report(cluster, ep, outcome, now_ms);
                     let again = retry.retries_response(status, grpc_status);
-                    if !again || r.attempts > retry.retries {
-                        if again {
+                    let retry_now = again
+                        && r.attempts <= retry.retries
+                        && head.is_some()
+                        && rebuild(&head, &replay, body_empty).is_some();
+                    if !retry_now {
+                        if again && r.attempts > retry.retries {
                             r.flags.set(Flags::URX);
                         }
-                        return self
-                            .respond(&r, &et, route, dest, resp, pooled, new_cookie, replay);
-                    }
-                    if head.is_none() || rebuild(&head, &replay, body_empty).is_none() {
-                        return self
-                            .respond(&r, &et, route, dest, resp, pooled, new_cookie, replay);
+                        let resp =
+                            self.respond(&r, &et, route, dest, resp, pooled, new_cookie, replay);
+                        return prefetched(resp, deadline).await;
                     }
                     (true, None)
                 }
