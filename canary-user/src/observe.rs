@@ -3,7 +3,14 @@
 //! module turns them into Istio's standard series. Neither side knows the
 //! other: they meet at `RequestObserver`.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A metric label value. Shared, not copied: the shim records every
+/// request with its service's and workloads' names, and a clone of an
+/// `Arc<str>` is a reference count, where a `String` would be an
+/// allocation (13 of them per request).
+pub type Label = Arc<str>;
 
 /// A workload as Istio's metric labels describe it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -11,22 +18,28 @@ pub struct Workload {
     /// Deployment-like name (the pod's owner with the ReplicaSet hash
     /// removed, else its `app` label, else the pod name); "unknown" if not
     /// known.
-    pub workload: String,
-    pub namespace: String,
+    pub workload: Label,
+    pub namespace: Label,
     /// `app` (or `app.kubernetes.io/name`) label, "unknown" if absent.
-    pub app: String,
+    pub app: Label,
     /// `version` (or `app.kubernetes.io/version`) label; for destinations
     /// the subset's `version` label, else the subset name.
-    pub version: String,
+    pub version: Label,
 }
 
 impl Workload {
+    /// Istio's labels for a peer it knows nothing about (one shared
+    /// "unknown" string; no allocation per call).
     pub fn unknown() -> Self {
+        thread_local! {
+            static UNKNOWN: Label = Label::from("unknown");
+        }
+        let u = UNKNOWN.with(Label::clone);
         Self {
-            workload: "unknown".into(),
-            namespace: "unknown".into(),
-            app: "unknown".into(),
-            version: "unknown".into(),
+            workload: u.clone(),
+            namespace: u.clone(),
+            app: u.clone(),
+            version: u,
         }
     }
 }
@@ -37,11 +50,11 @@ pub struct RequestRecord {
     pub source: Workload,
     pub destination: Workload,
     /// FQDN, e.g. `checkout-service.prod.svc.cluster.local`.
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
     /// DestinationRule subset chosen, if any.
-    pub subset: Option<String>,
+    pub subset: Option<Label>,
     /// `http` or `grpc`.
     pub protocol: &'static str,
     /// HTTP status sent to the client; 0 if none was (connection reset).
@@ -50,7 +63,7 @@ pub struct RequestRecord {
     pub grpc_status: Option<String>,
     /// Envoy's short flags: `-`, `NR`, `UH`, `UF`, `UT`, `URX`, `DI`, `FI`
     /// (several joined by `,`).
-    pub response_flags: String,
+    pub response_flags: std::borrow::Cow<'static, str>,
     pub duration: Duration,
     /// Bytes received from / sent to the client (headers and body).
     pub request_bytes: u64,

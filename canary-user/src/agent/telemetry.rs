@@ -48,7 +48,7 @@ pub fn export(
                         workload_of(&e.pod, &compiled.namespace, &BTreeMap::new(), &[])
                     });
                 if let Some(subset) = &d.subset {
-                    destination.version = subset_version(cfg, &d.host, subset);
+                    destination.version = subset_version(cfg, &d.host, subset).into();
                 }
                 let key = (svc.host.clone(), d.subset.clone(), destination.clone());
                 let entry = samples.entry(key).or_insert_with(|| {

@@ -18,7 +18,7 @@ use prometheus_client::metrics::MetricType;
 
 use super::ENVOY_BUCKETS;
 use super::live::{LiveRing, LiveTable};
-use crate::observe::{RequestRecord, Workload};
+use crate::observe::{Label, RequestRecord, Workload};
 
 /// Family names (and help) of one request table.
 #[derive(Debug)]
@@ -77,13 +77,13 @@ pub(super) struct RequestTable {
 struct SeriesKey {
     source: Workload,
     destination: Workload,
-    destination_service: String,
-    destination_service_name: String,
-    destination_service_namespace: String,
+    destination_service: Label,
+    destination_service_name: Label,
+    destination_service_namespace: Label,
     protocol: &'static str,
     response_code: u16,
     grpc_status: Option<String>,
-    response_flags: String,
+    response_flags: std::borrow::Cow<'static, str>,
 }
 
 #[derive(Debug)]
@@ -96,7 +96,7 @@ struct RequestSeries {
     /// The live-view ring of the destination's (service, subset) this
     /// series was created for; a record for another subset with the same
     /// labels looks its ring up instead.
-    live: Option<(Option<String>, Arc<LiveRing>)>,
+    live: Option<(Option<Label>, Arc<LiveRing>)>,
 }
 
 /// A histogram over [`ENVOY_BUCKETS`] made of atomics. The sum is kept in
@@ -305,7 +305,7 @@ impl EncodeLabelSet for SeriesKey {
                 "grpc_response_status",
                 self.grpc_status.as_deref().unwrap_or(""),
             ),
-            ("response_flags", self.response_flags.as_str()),
+            ("response_flags", &*self.response_flags),
             ("connection_security_policy", "unknown"),
         ]
         .encode(encoder)

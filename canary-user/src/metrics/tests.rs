@@ -753,22 +753,25 @@ fn workload_is_the_deployment_behind_a_replicaset() {
     // Without the hash label, a hash-like last segment still goes.
     let bare = labels(&[("app", "podinfo")]);
     let w = workload_of("podinfo-5b667bcbf8-abcde", "test", &bare, &rs);
-    assert_eq!(w.workload, "checkout-v2");
+    assert_eq!(w.workload, "checkout-v2".into());
     let flagger = [owner("ReplicaSet", "podinfo-primary-5b667bcbf8", true)];
     assert_eq!(
         workload_of("p", "test", &bare, &flagger).workload,
-        "podinfo-primary"
+        "podinfo-primary".into()
     );
     // A word is not a hash.
     let plain = [owner("ReplicaSet", "web-frontend", true)];
     assert_eq!(
         workload_of("p", "test", &bare, &plain).workload,
-        "web-frontend"
+        "web-frontend".into()
     );
     // Argo Rollouts.
     let l = labels(&[("rollouts-pod-template-hash", "6f4b9c8d7")]);
     let ro = [owner("ReplicaSet", "checkout-6f4b9c8d7", true)];
-    assert_eq!(workload_of("p", "prod", &l, &ro).workload, "checkout");
+    assert_eq!(
+        workload_of("p", "prod", &l, &ro).workload,
+        "checkout".into()
+    );
 }
 
 #[test]
@@ -777,29 +780,38 @@ fn workload_follows_other_owners_and_overrides() {
     let job = [owner("Job", "nightly-report-28930415", true)];
     assert_eq!(
         workload_of("p", "ops", &none, &job).workload,
-        "nightly-report"
+        "nightly-report".into()
     );
     let job = [owner("Job", "migrate-db", true)];
-    assert_eq!(workload_of("p", "ops", &none, &job).workload, "migrate-db");
+    assert_eq!(
+        workload_of("p", "ops", &none, &job).workload,
+        "migrate-db".into()
+    );
     let sts = [owner("StatefulSet", "redis", true)];
-    assert_eq!(workload_of("redis-0", "db", &none, &sts).workload, "redis");
+    assert_eq!(
+        workload_of("redis-0", "db", &none, &sts).workload,
+        "redis".into()
+    );
     let dc = labels(&[("deploymentconfig", "legacy")]);
     let rc = [owner("ReplicationController", "legacy-3", true)];
-    assert_eq!(workload_of("p", "ns", &dc, &rc).workload, "legacy");
+    assert_eq!(workload_of("p", "ns", &dc, &rc).workload, "legacy".into());
     // The controller wins over other owners; without one, an only owner
     // counts, several do not.
     let owners = [
         owner("ConfigMap", "x", false),
         owner("ReplicaSet", "api-7c5ddbdf54", true),
     ];
-    assert_eq!(workload_of("p", "ns", &none, &owners).workload, "api");
+    assert_eq!(
+        workload_of("p", "ns", &none, &owners).workload,
+        "api".into()
+    );
     let one = [owner("ReplicaSet", "api-7c5ddbdf54", false)];
-    assert_eq!(workload_of("p", "ns", &none, &one).workload, "api");
+    assert_eq!(workload_of("p", "ns", &none, &one).workload, "api".into());
     let two = [owner("A", "a", false), owner("B", "b", false)];
-    assert_eq!(workload_of("p", "ns", &none, &two).workload, "p");
+    assert_eq!(workload_of("p", "ns", &none, &two).workload, "p".into());
     // Istio's explicit override beats everything.
     let l = labels(&[("service.istio.io/workload-name", "named")]);
-    assert_eq!(workload_of("p", "ns", &l, &owners).workload, "named");
+    assert_eq!(workload_of("p", "ns", &l, &owners).workload, "named".into());
 }
 
 #[test]
@@ -813,11 +825,14 @@ fn a_pod_without_owner_is_named_by_app_and_version() {
     let l = labels(&[("app", "podinfo-primary")]);
     assert_eq!(
         workload_of("podinfo-primary-a", "test", &l, &[]).workload,
-        "podinfo-primary"
+        "podinfo-primary".into()
     );
     // Already suffixed: not twice.
     let l = labels(&[("app", "reviews-v2"), ("version", "v2")]);
-    assert_eq!(workload_of("r", "ns", &l, &[]).workload, "reviews-v2");
+    assert_eq!(
+        workload_of("r", "ns", &l, &[]).workload,
+        "reviews-v2".into()
+    );
     // Kubernetes' recommended labels.
     let l = labels(&[
         ("app.kubernetes.io/name", "cart"),
@@ -874,22 +889,22 @@ status:
         v2.owners,
         [owner("ReplicaSet", "checkout-v2-7d9f8b6c5", true)]
     );
-    assert_eq!(workload_of_pod(v2).workload, "checkout-v2");
+    assert_eq!(workload_of_pod(v2).workload, "checkout-v2".into());
     let v1 = pod("checkout-v1-a");
     assert!(v1.owners.is_empty());
-    assert_eq!(workload_of_pod(v1).workload, "checkout-service-v1");
+    assert_eq!(workload_of_pod(v1).workload, "checkout-service-v1".into());
     // Through a subset: its version label, else its name.
     let subset = labels(&[("version", "v2"), ("track", "canary")]);
     assert_eq!(
         destination_workload(v2, Some(("canary", &subset))).version,
-        "v2"
+        "v2".into()
     );
     let unlabeled = BTreeMap::new();
     assert_eq!(
         destination_workload(v1, Some(("stable", &unlabeled))).version,
-        "stable"
+        "stable".into()
     );
-    assert_eq!(destination_workload(v1, None).version, "v1");
+    assert_eq!(destination_workload(v1, None).version, "v1".into());
 }
 
 // === the HTTP endpoint ===

@@ -61,14 +61,14 @@ pub fn workload_of(
         })
         .unwrap_or_else(|| name.to_string());
     Workload {
-        workload,
+        workload: workload.into(),
         namespace: if namespace.is_empty() {
             UNKNOWN.into()
         } else {
-            namespace.to_string()
+            namespace.to_string().into()
         },
-        app: app.unwrap_or_else(|| UNKNOWN.into()),
-        version: version.unwrap_or_else(|| UNKNOWN.into()),
+        app: app.map_or_else(|| UNKNOWN.into(), Into::into),
+        version: version.map_or_else(|| UNKNOWN.into(), Into::into),
     }
 }
 
@@ -94,8 +94,7 @@ pub fn destination_workload(
         w.version = labels
             .get("version")
             .filter(|v| !v.is_empty())
-            .cloned()
-            .unwrap_or_else(|| name.to_string());
+            .map_or_else(|| name.into(), |v| v.as_str().into());
     }
     w
 }

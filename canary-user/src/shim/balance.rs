@@ -17,7 +17,7 @@ use http::header::{COOKIE, HeaderName};
 use super::matcher::query_param;
 use crate::config::duration;
 use crate::config::istio::{HashKey, Json, SimpleLb};
-use crate::observe::Workload;
+use crate::observe::{Label, Workload};
 
 // === Hash policy ===
 
@@ -249,11 +249,11 @@ pub(crate) struct Endpoint {
 
 /// One destination (service host, subset, port) for one address family.
 pub(crate) struct Cluster {
-    pub host: String,
-    pub subset: Option<String>,
+    pub host: Label,
+    pub subset: Option<Label>,
     pub port: u16,
-    pub service_name: String,
-    pub service_namespace: String,
+    pub service_name: Label,
+    pub service_namespace: Label,
     pub endpoints: Vec<Endpoint>,
     /// The subset's consistent hash, when its policy has one.
     pub hash: Option<HashPolicy>,
@@ -302,11 +302,11 @@ impl Cluster {
             Vec::new()
         };
         Cluster {
-            host,
-            subset,
+            host: host.into(),
+            subset: subset.map(Into::into),
             port,
-            service_name,
-            service_namespace,
+            service_name: service_name.into(),
+            service_namespace: service_namespace.into(),
             endpoints,
             hash,
             maglev,

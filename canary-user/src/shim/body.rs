@@ -260,7 +260,7 @@ impl Finish {
         }
         if !complete && self.record.response_flags == "-" {
             // The client went away (or the upstream broke) mid-body.
-            self.record.response_flags = "DC".to_string();
+            self.record.response_flags = "DC".into();
         }
         if complete && let Some(p) = self.pool.take() {
             p.put_back();
@@ -371,7 +371,7 @@ impl Body for RespBody {
                     if let Some(f) = &mut this.finish
                         && f.record.response_flags == "-"
                     {
-                        f.record.response_flags = "UR".to_string();
+                        f.record.response_flags = "UR".into();
                     }
                     this.finish(false);
                     Poll::Ready(Some(Err(e)))

@@ -54,7 +54,7 @@ impl Shim {
     ) {
         let dropped = || {
             self.observer.on_event(&ShimEvent::MirrorDropped {
-                destination_service: m.cluster.host.clone(),
+                destination_service: m.cluster.host.to_string(),
             });
         };
         let in_flight = self.mirrors_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -100,7 +100,7 @@ impl Shim {
                 // a body over the limit is not mirrored.
                 let Some(body) = replay.wait().await else {
                     shim.observer.on_event(&ShimEvent::MirrorDropped {
-                        destination_service: cluster.host.clone(),
+                        destination_service: cluster.host.to_string(),
                     });
                     return None;
                 };

@@ -218,7 +218,13 @@ impl Shim {
                 c.endpoints
                     .iter()
                     .filter(move |e| e.health.is_ejected(now))
-                    .map(move |e| (c.host.clone(), c.subset.clone(), e.addr))
+                    .map(move |e| {
+                        (
+                            c.host.to_string(),
+                            c.subset.as_deref().map(str::to_string),
+                            e.addr,
+                        )
+                    })
             })
             .collect();
         out.sort();

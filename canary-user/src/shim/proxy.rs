@@ -9,6 +9,7 @@
 //! the time to the response headers (a body that stalls afterwards is not
 //! cut), and starts when the request headers arrive.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,18 +51,23 @@ impl Flags {
         self.0 |= f.0;
     }
 
-    /// `-`, or the flags joined by `,`.
-    pub fn render(self) -> String {
-        if self.0 == 0 {
-            return "-".to_string();
-        }
-        let names: Vec<&str> = Self::NAMES
+    /// `-`, or the flags joined by `,` (allocated only for several).
+    pub fn render(self) -> Cow<'static, str> {
+        let mut set = Self::NAMES
             .iter()
             .enumerate()
             .filter(|(i, _)| self.0 & (1 << i) != 0)
-            .map(|(_, n)| *n)
-            .collect();
-        names.join(",")
+            .map(|(_, n)| *n);
+        match (set.next(), set.clone().next()) {
+            (None, _) => Cow::Borrowed("-"),
+            (Some(one), None) => Cow::Borrowed(one),
+            (Some(first), Some(_)) => Cow::Owned(
+                std::iter::once(first)
+                    .chain(set)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
     }
 }
 
@@ -98,18 +104,25 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
-        // Headers the Connection header names are hop-by-hop too.
+        // Headers the Connection header names are hop-by-hop too. The
+        // usual `keep-alive` and `close` name nothing more to remove (the
+        // Keep-Alive header goes below), so they allocate nothing.
         let named: Vec<String> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
+            .map(str::trim)
+            .filter(|n| {
+                !n.is_empty()
+                    && !["close", "keep-alive", "te"]
+                        .iter()
+                        .any(|k| n.eq_ignore_ascii_case(k))
+            })
+            .map(str::to_string)
             .collect();
         for n in named {
-            if n != "te" {
-                h.remove(n.as_str());
-            }
+            h.remove(n.as_str());
         }
     }
     // Most requests carry none of them: skip the removals then.
@@ -532,8 +545,8 @@ impl Shim {
                 "outlier detection ejected an endpoint"
             );
             self.observer.on_event(&ShimEvent::EndpointEjected {
-                destination_service: cluster.host.clone(),
-                subset: cluster.subset.clone(),
+                destination_service: cluster.host.to_string(),
+                subset: cluster.subset.as_deref().map(str::to_string),
                 endpoint: ep.addr,
             });
         }
@@ -670,7 +683,7 @@ impl Shim {
         let mut record = RequestRecord {
             source: r.conn.source.clone(),
             destination: Workload::unknown(),
-            destination_service: r.conn.info.orig_dst.to_string(),
+            destination_service: r.conn.info.orig_dst.to_string().into(),
             destination_service_name: "unknown".into(),
             destination_service_namespace: "unknown".into(),
             subset: None,
@@ -765,4 +778,36 @@ fn rebuild(
         *req.version_mut() = Version::HTTP_2;
     }
     Some(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, X-Trace, close"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn flags_render_as_envoy_writes_them() {
+        let mut f = Flags::default();
+        assert_eq!(f.render(), "-");
+        f.set(Flags::UH);
+        assert!(matches!(f.render(), Cow::Borrowed("UH")));
+        f.set(Flags::URX);
+        assert_eq!(f.render().split(',').count(), 2);
+    }
 }

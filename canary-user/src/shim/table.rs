@@ -18,7 +18,7 @@ use super::policy::{
 use crate::compile::{CompiledService, DataPath, KernelRoute, RoutingTable};
 use crate::config::istio::{Destination, HttpRoute, SimpleLb};
 use crate::config::{ConfigWarning, LoadedConfig, VirtualService, duration};
-use crate::observe::Workload;
+use crate::observe::{Label, Workload};
 
 pub(crate) struct Table {
     pub services: HashMap<SocketAddr, Arc<ServiceRoutes>>,
@@ -39,9 +39,9 @@ impl Table {
 }
 
 pub(crate) struct ServiceRoutes {
-    pub host: String,
-    pub name: String,
-    pub namespace: String,
+    pub host: Label,
+    pub name: Label,
+    pub namespace: Label,
     pub routes: Vec<Route>,
 }
 
@@ -123,9 +123,9 @@ impl<'a> Builder<'a> {
                     out.services.insert(
                         key,
                         Arc::new(ServiceRoutes {
-                            host: s.host.clone(),
-                            name: s.name.clone(),
-                            namespace: s.namespace.clone(),
+                            host: s.host.as_str().into(),
+                            name: s.name.as_str().into(),
+                            namespace: s.namespace.as_str().into(),
                             routes,
                         }),
                     );
@@ -511,7 +511,7 @@ fn endpoint_workload(cfg: &LoadedConfig, ns: &str, name: &str, version: Option<&
         .map(crate::metrics::workload_of_pod)
         .unwrap_or_else(|| crate::metrics::workload_of(name, ns, &BTreeMap::new(), &[]));
     if let Some(v) = version {
-        w.version = v.to_string();
+        w.version = v.into();
     }
     w
 }

@@ -440,8 +440,8 @@ async fn composite_routing_header_to_v2_else_95_5() {
         .iter()
         .find(|r| r.subset.as_deref() == Some("v2"))
         .expect("v2 record");
-    assert_eq!(r.destination_service, HOST);
-    assert_eq!(r.destination.version, "v2");
+    assert_eq!(r.destination_service, HOST.into());
+    assert_eq!(r.destination.version, "v2".into());
     assert_eq!(r.response_flags, "-");
     assert_eq!(r.protocol, "http");
 }
@@ -744,7 +744,7 @@ async fn per_route_policy_timeouts_and_retries() {
     assert_eq!(c.hits(), 2, "exactly two attempts");
     let rec = w.recorder.records().pop().expect("record");
     assert_eq!(
-        (rec.response_code, rec.response_flags.as_str(), rec.attempts),
+        (rec.response_code, &*rec.response_flags, rec.attempts),
         (504, "UT", 2)
     );
 
@@ -754,7 +754,7 @@ async fn per_route_policy_timeouts_and_retries() {
     assert_eq!(a.hits() + b.hits(), 3);
     let rec = w.recorder.records().pop().expect("record");
     assert_eq!(
-        (rec.response_code, rec.attempts, rec.response_flags.as_str()),
+        (rec.response_code, rec.attempts, &*rec.response_flags),
         (200, 3, "-")
     );
 }
@@ -993,7 +993,7 @@ spec:
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let rec = w.recorder.records().pop().expect("record");
     assert_eq!(
-        (rec.response_flags.as_str(), rec.subset.as_deref()),
+        (&*rec.response_flags, rec.subset.as_deref()),
         ("UH", Some("v2"))
     );
     // gRPC clients get a gRPC status instead.
@@ -1193,9 +1193,9 @@ spec:
     let rec = w.recorder.records().pop().expect("record");
     assert_eq!(
         rec.source.workload,
-        "qa-tools-7d9f8b6c5d".rsplit_once('-').expect("rs").0
+        "qa-tools-7d9f8b6c5d".rsplit_once('-').expect("rs").0.into()
     );
-    assert_eq!(rec.source.app, "qa-tools");
+    assert_eq!(rec.source.app, "qa-tools".into());
     let other = World::new(
         with_vs("composite-routing", vs, net),
         ShimOptions::default(),
