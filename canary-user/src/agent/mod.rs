@@ -121,6 +121,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 // listing changes.
                 agent.refresh_namespaces().await;
                 agent.sync_ejections();
+                agent.expire_idle_upstreams();
                 trimmer.tick(agent.shim_requests());
                 let now = watch::fingerprint(&opts.config);
                 if now != seen {

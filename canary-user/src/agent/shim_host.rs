@@ -147,6 +147,15 @@ impl ShimHost {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(cookie);
+            // Pooled upstream sockets would keep the namespace alive too.
+            let closed = self.shim.forget_namespace(*cookie);
+            if closed > 0 {
+                tracing::debug!(
+                    netns = cookie,
+                    closed,
+                    "namespace gone; pooled upstream connections closed"
+                );
+            }
         }
         for (cookie, file) in wanted {
             if present.contains(&cookie) {

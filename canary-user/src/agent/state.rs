@@ -160,12 +160,20 @@ impl Agent {
         self.shim.sync(Some(namespaces)).await;
     }
 
-    /// Mirrors the shim's outlier ejections into the kernel's tables.
+    /// Closes pooled upstream connections idle past their timeout.
+    pub fn expire_idle_upstreams(&self) {
+        let closed = self.shim.shim.expire_idle_upstreams();
+        if closed > 0 {
+            tracing::debug!(closed, "idle upstream connections closed");
+        }
+    }
+
     /// Requests the shim received so far.
     pub fn shim_requests(&self) -> u64 {
         self.shim.shim.requests_received()
     }
 
+    /// Mirrors the shim's outlier ejections into the kernel's tables.
     pub fn sync_ejections(&self) {
         let now: Ejected = self.shim.shim.ejected().into_iter().collect();
         let mut inner = self.lock();

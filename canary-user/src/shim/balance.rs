@@ -261,7 +261,8 @@ pub(crate) struct Cluster {
     pub maglev: Vec<u16>,
     pub lb: SimpleLb,
     pub outlier: Option<OutlierConfig>,
-    pub connect_timeout: Duration,
+    /// Connect and idle timeouts of its upstream connections.
+    pub limits: super::upstream::Limits,
     rr: AtomicUsize,
 }
 
@@ -288,7 +289,7 @@ impl Cluster {
         hash: Option<HashPolicy>,
         lb: SimpleLb,
         outlier: Option<OutlierConfig>,
-        connect_timeout: Duration,
+        limits: super::upstream::Limits,
     ) -> Cluster {
         let maglev = if hash.is_some() && !endpoints.is_empty() {
             // The dataplane's endpoint names, so a source-IP hash picks the
@@ -312,7 +313,7 @@ impl Cluster {
             maglev,
             lb,
             outlier,
-            connect_timeout,
+            limits,
             rr: AtomicUsize::new(fastrand::usize(..)),
         }
     }
@@ -447,7 +448,10 @@ mod tests {
             hash,
             SimpleLb::LeastRequest,
             outlier,
-            Duration::from_secs(1),
+            crate::shim::upstream::Limits {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(60),
+            },
         )
     }
 

@@ -122,7 +122,7 @@ impl Shim {
                 let workload = ep.workload.clone();
                 match shim
                     .pool
-                    .send(&*shim.connector, key, cluster.connect_timeout, req)
+                    .send(&*shim.connector, key, cluster.limits, req)
                     .await
                 {
                     Ok((resp, pooled)) => {

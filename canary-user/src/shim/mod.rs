@@ -75,6 +75,10 @@ pub struct ShimOptions {
     /// Idle HTTP/1.1 upstream connections kept per endpoint and client
     /// namespace.
     pub max_idle_per_endpoint: usize,
+    /// How long a pooled upstream connection may stay idle when the
+    /// DestinationRule sets no `connectionPool.http.idleTimeout` (Istio's
+    /// default: one hour).
+    pub upstream_idle_timeout: Duration,
     /// How long a mirrored request may take when its route sets no
     /// `timeout` (it holds a slot of `max_mirrors_in_flight` meanwhile).
     pub mirror_timeout: Duration,
@@ -89,6 +93,7 @@ impl Default for ShimOptions {
             sticky_subsets: true,
             connect_timeout: Duration::from_secs(10),
             max_idle_per_endpoint: 64,
+            upstream_idle_timeout: Duration::from_secs(3600),
             mirror_timeout: Duration::from_secs(30),
         }
     }
@@ -291,6 +296,19 @@ impl Shim {
             let ctx = ctx.clone();
             Box::pin(async move { Ok(shim.handle(req, &ctx).await) }) as RequestFuture
         })
+    }
+
+    /// Closes pooled upstream connections idle past their cluster's
+    /// `idleTimeout` (the agent calls this every second); returns how many.
+    pub fn expire_idle_upstreams(&self) -> usize {
+        self.pool.expire(Instant::now())
+    }
+
+    /// Closes the pooled upstream connections opened from network
+    /// namespace `netns`, which is gone (so the agent does not keep it
+    /// alive); returns how many.
+    pub fn forget_namespace(&self, netns: u64) -> usize {
+        self.pool.forget_netns(netns)
     }
 
     /// Requests received since the shim started.

@@ -420,9 +420,7 @@ impl Shim {
                 (None, None) => None,
             };
             ep.health.start();
-            let send = self
-                .pool
-                .send(&*self.connector, key, cluster.connect_timeout, req);
+            let send = self.pool.send(&*self.connector, key, cluster.limits, req);
             let result = match try_deadline {
                 Some((at, _)) => tokio::time::timeout_at(at, send).await.ok(),
                 None => Some(send.await),

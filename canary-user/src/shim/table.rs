@@ -395,18 +395,29 @@ impl<'a> Builder<'a> {
                 );
             }
         }
-        let connect_timeout = policy
-            .connection_pool
-            .as_ref()
-            .and_then(|c| {
-                c.get("tcp")?
-                    .get("connectTimeout")?
-                    .as_str()
-                    .map(str::to_string)
-            })
-            .and_then(|s| duration::parse(&s))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(self.options.connect_timeout);
+        // Istio applies only values above zero (a 0 means "not set").
+        let mut pool_duration = |section: &str, field: &str| {
+            let value = policy
+                .connection_pool
+                .as_ref()
+                .and_then(|c| c.get(section)?.get(field).cloned())?;
+            let parsed = value.as_str().and_then(duration::parse);
+            if parsed.is_none()
+                && let Some(dr) = cfg.destination_rule(host)
+            {
+                self.warnings.push(dr.meta.warning(
+                    &format!("spec.trafficPolicy.connectionPool.{section}.{field}"),
+                    format!("{value} is not a duration such as \"10s\" or \"1h\"; default used"),
+                ));
+            }
+            parsed.filter(|d| !d.is_zero())
+        };
+        let limits = super::upstream::Limits {
+            connect_timeout: pool_duration("tcp", "connectTimeout")
+                .unwrap_or(self.options.connect_timeout),
+            idle_timeout: pool_duration("http", "idleTimeout")
+                .unwrap_or(self.options.upstream_idle_timeout),
+        };
         let (service_name, service_namespace) = cfg
             .service(host)
             .map(|s| (s.meta.name.clone(), s.meta.namespace.clone()))
@@ -452,7 +463,7 @@ impl<'a> Builder<'a> {
             hash,
             simple,
             outlier,
-            connect_timeout,
+            limits,
         ));
         self.clusters.insert(key, c.clone());
         c

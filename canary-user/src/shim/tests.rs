@@ -1555,3 +1555,70 @@ async fn idle_connections_are_small_tasks() {
     let size = std::mem::size_of_val(&task);
     assert!(size <= 1280, "serve_connection future {size} bytes");
 }
+
+/// A pooled upstream connection is reused until it has been idle for the
+/// DestinationRule's `connectionPool.http.idleTimeout`; and every pooled
+/// connection of a client namespace that goes away is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_upstream_connections_expire_and_leave_with_their_namespace() {
+    let net = 17;
+    let [_a, _b, v2] = pods(net, None, None).await;
+    let yaml = examples("composite-routing").replace(
+        "  host: checkout-service.prod.svc.cluster.local\n  subsets:",
+        "  host: checkout-service.prod.svc.cluster.local\n  trafficPolicy:\n    \
+         connectionPool:\n      http:\n        idleTimeout: 300ms\n  subsets:",
+    );
+    assert!(yaml.contains("idleTimeout: 300ms"));
+    let w = World::new(load(&localize(&yaml, net)), ShimOptions::default(), None).await;
+    let to_v2 = [("x-canary-user", "true")];
+    let mut conn = w.h1().await;
+
+    // Reused while fresh.
+    for _ in 0..3 {
+        assert_eq!(conn.get("/", &to_v2).await.backend(), "v2-a");
+    }
+    assert_eq!(v2.conns.load(Ordering::SeqCst), 1);
+
+    // Idle past the timeout: the sweep closes it, the next request opens
+    // a new one.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(w.shim.expire_idle_upstreams(), 1);
+    assert_eq!(w.shim.expire_idle_upstreams(), 0);
+    assert_eq!(conn.get("/", &to_v2).await.backend(), "v2-a");
+    assert_eq!(v2.conns.load(Ordering::SeqCst), 2);
+
+    // Expired but not swept yet: not reused either.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(conn.get("/", &to_v2).await.backend(), "v2-a");
+    assert_eq!(v2.conns.load(Ordering::SeqCst), 3);
+
+    // The client's namespace (0 here) goes away: its pool is emptied.
+    assert_eq!(w.shim.forget_namespace(0), 1);
+    assert_eq!(w.shim.expire_idle_upstreams(), 0);
+    assert_eq!(conn.get("/", &to_v2).await.backend(), "v2-a");
+    assert_eq!(v2.conns.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn a_connection_pool_duration_that_is_not_one_is_named_and_defaulted() {
+    let yaml = examples("composite-routing").replace(
+        "  host: checkout-service.prod.svc.cluster.local\n  subsets:",
+        "  host: checkout-service.prod.svc.cluster.local\n  trafficPolicy:\n    \
+         connectionPool:\n      http:\n        idleTimeout: soon\n  subsets:",
+    );
+    let cfg = load(&localize(&yaml, 18));
+    let shim = Shim::new(
+        ShimOptions::default(),
+        Arc::new(PlainConnector),
+        Arc::new(Recorder::default()),
+    );
+    let warnings = shim.update(&cfg, &compile(&cfg));
+    let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter().any(
+            |w| w.contains("spec.trafficPolicy.connectionPool.http.idleTimeout")
+                && w.contains("\"soon\" is not a duration")
+        ),
+        "{text:?}"
+    );
+}

@@ -5,12 +5,17 @@
 //!
 //! The pool is split into shards behind short mutexes (held for a pop or
 //! a push, never across an await).
+//!
+//! A pooled connection is closed once it has been idle for its cluster's
+//! `connectionPool.http.idleTimeout` (Istio's default: one hour), and at
+//! once when its client's namespace goes away: a socket keeps its network
+//! namespace alive, and a pod's namespace must not outlive the pod.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -41,9 +46,20 @@ impl Key {
     }
 }
 
+/// How a cluster's upstream connections are opened and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub connect_timeout: Duration,
+    /// Idle this long, a pooled connection is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Pooled connections, each with the instant it expires if still idle.
 enum Idle {
-    H1(Vec<http1::SendRequest<ReqBody>>),
-    H2(http2::SendRequest<ReqBody>),
+    H1(Vec<(http1::SendRequest<ReqBody>, Instant)>),
+    /// Shared by every request; it expires `idle_timeout` after the last
+    /// request started on it (requests in flight hold their own handles).
+    H2(http2::SendRequest<ReqBody>, Instant),
 }
 
 pub(crate) struct Pool {
@@ -56,6 +72,7 @@ pub(crate) struct PoolReturn {
     pool: Arc<Pool>,
     key: Key,
     sender: http1::SendRequest<ReqBody>,
+    idle_timeout: Duration,
 }
 
 impl PoolReturn {
@@ -69,7 +86,7 @@ impl PoolReturn {
             .or_insert_with(|| Idle::H1(Vec::new()))
             && list.len() < self.pool.max_idle
         {
-            list.push(self.sender);
+            list.push((self.sender, Instant::now() + self.idle_timeout));
         }
     }
 }
@@ -103,20 +120,81 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The most recently pooled live connection (expired ones on top are
+    /// dropped, which closes them).
     fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<ReqBody>> {
         let mut shard = self.lock(key);
+        let Some(Idle::H1(list)) = shard.get_mut(key) else {
+            return None;
+        };
+        let now = Instant::now();
+        while let Some((sender, expires)) = list.pop() {
+            if expires > now {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn get_h2(&self, key: &Key, idle_timeout: Duration) -> Option<http2::SendRequest<ReqBody>> {
+        let mut shard = self.lock(key);
         match shard.get_mut(key) {
-            Some(Idle::H1(list)) => list.pop(),
+            Some(Idle::H2(s, expires)) if !s.is_closed() && *expires > Instant::now() => {
+                *expires = Instant::now() + idle_timeout;
+                Some(s.clone())
+            }
             _ => None,
         }
     }
 
-    fn get_h2(&self, key: &Key) -> Option<http2::SendRequest<ReqBody>> {
-        let shard = self.lock(key);
-        match shard.get(key) {
-            Some(Idle::H2(s)) if !s.is_closed() => Some(s.clone()),
-            _ => None,
+    /// Closes the pooled connections that have been idle past their
+    /// timeout or that are already closed; returns how many it dropped.
+    pub fn expire(&self, now: Instant) -> usize {
+        self.retain(|_, expires, closed| expires > now && !closed)
+    }
+
+    /// Closes every pooled connection opened from network namespace
+    /// `netns` (it is gone); returns how many.
+    pub fn forget_netns(&self, netns: u64) -> usize {
+        let mut n = 0;
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|key, idle| {
+                    let keep = key.netns != netns;
+                    if !keep {
+                        n += match idle {
+                            Idle::H1(list) => list.len(),
+                            Idle::H2(..) => 1,
+                        };
+                    }
+                    keep
+                });
         }
+        n
+    }
+
+    /// Keeps the pooled connections `keep(key, expires, closed)` accepts.
+    fn retain(&self, keep: impl Fn(&Key, Instant, bool) -> bool) -> usize {
+        let mut dropped = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|key, idle| match idle {
+                Idle::H1(list) => {
+                    let before = list.len();
+                    list.retain(|(s, expires)| keep(key, *expires, s.is_closed()));
+                    dropped += before - list.len();
+                    !list.is_empty()
+                }
+                Idle::H2(s, expires) => {
+                    let k = keep(key, *expires, s.is_closed());
+                    dropped += usize::from(!k);
+                    k
+                }
+            });
+        }
+        dropped
     }
 
     /// Sends `req` to `key.addr`, on a pooled connection when there is a
@@ -126,7 +204,7 @@ impl Pool {
         self: &Arc<Self>,
         connector: &dyn Connector,
         key: Key,
-        connect_timeout: Duration,
+        limits: Limits,
         req: Request<ReqBody>,
     ) -> SendResult {
         // Every request's future holds this one; the h2 path and opening a
@@ -134,9 +212,9 @@ impl Pool {
         // connection) stays small: request futures are moved by value at
         // every `.await` that starts one, so their size is paid per request.
         if key.h2 {
-            Box::pin(self.send_h2(connector, key, connect_timeout, req)).await
+            Box::pin(self.send_h2(connector, key, limits, req)).await
         } else {
-            self.send_h1(connector, key, connect_timeout, req).await
+            self.send_h1(connector, key, limits, req).await
         }
     }
 
@@ -144,7 +222,7 @@ impl Pool {
         self: &Arc<Self>,
         connector: &dyn Connector,
         key: Key,
-        connect_timeout: Duration,
+        limits: Limits,
         mut req: Request<ReqBody>,
     ) -> SendResult {
         while let Some(mut sender) = self.take_h1(&key) {
@@ -152,7 +230,7 @@ impl Pool {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(self.pooled(key, sender)))),
+                Ok(resp) => return Ok((resp, Some(self.pooled(key, sender, limits)))),
                 Err(mut e) => match e.take_message() {
                     // Not sent: the idle connection was closed; next one.
                     Some(r) => req = r,
@@ -160,12 +238,12 @@ impl Pool {
                 },
             }
         }
-        let mut sender = match Box::pin(open_h1(connector, key, connect_timeout)).await {
+        let mut sender = match Box::pin(open_h1(connector, key, limits.connect_timeout)).await {
             Ok(sender) => sender,
             Err(e) => return Err((e, Some(req))),
         };
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Some(self.pooled(key, sender)))),
+            Ok(resp) => Ok((resp, Some(self.pooled(key, sender, limits)))),
             Err(mut e) => {
                 let back = e.take_message();
                 Err((reset(e.into_error()), back))
@@ -173,11 +251,17 @@ impl Pool {
         }
     }
 
-    fn pooled(self: &Arc<Self>, key: Key, sender: http1::SendRequest<ReqBody>) -> PoolReturn {
+    fn pooled(
+        self: &Arc<Self>,
+        key: Key,
+        sender: http1::SendRequest<ReqBody>,
+        limits: Limits,
+    ) -> PoolReturn {
         PoolReturn {
             pool: self.clone(),
             key,
             sender,
+            idle_timeout: limits.idle_timeout,
         }
     }
 
@@ -185,10 +269,10 @@ impl Pool {
         self: &Arc<Self>,
         connector: &dyn Connector,
         key: Key,
-        connect_timeout: Duration,
+        limits: Limits,
         mut req: Request<ReqBody>,
     ) -> SendResult {
-        if let Some(mut sender) = self.get_h2(&key)
+        if let Some(mut sender) = self.get_h2(&key, limits.idle_timeout)
             && sender.ready().await.is_ok()
         {
             match sender.try_send_request(req).await {
@@ -199,7 +283,7 @@ impl Pool {
                 },
             }
         }
-        let stream = match connect(connector, key, connect_timeout).await {
+        let stream = match connect(connector, key, limits.connect_timeout).await {
             Ok(s) => s,
             Err(e) => return Err((e, Some(req))),
         };
@@ -212,7 +296,10 @@ impl Pool {
             }
             Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
         };
-        self.lock(&key).insert(key, Idle::H2(sender.clone()));
+        self.lock(&key).insert(
+            key,
+            Idle::H2(sender.clone(), Instant::now() + limits.idle_timeout),
+        );
         if let Err(e) = sender.ready().await {
             return Err((SendError::Connect(io::Error::other(e)), Some(req)));
         }
