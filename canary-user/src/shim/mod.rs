@@ -75,6 +75,10 @@ pub struct ShimOptions {
     /// Idle HTTP/1.1 upstream connections kept per endpoint and client
     /// namespace.
     pub max_idle_per_endpoint: usize,
+    /// A client's HTTP/1.1 connection with no request for this long is
+    /// closed (Envoy's downstream `idle_timeout`, one hour by default in
+    /// Istio; it is also the most time a client may take to send a head).
+    pub client_idle_timeout: Duration,
     /// How long a pooled upstream connection may stay idle when the
     /// DestinationRule sets no `connectionPool.http.idleTimeout` (Istio's
     /// default: one hour).
@@ -94,6 +98,7 @@ impl Default for ShimOptions {
             connect_timeout: Duration::from_secs(10),
             max_idle_per_endpoint: 64,
             upstream_idle_timeout: Duration::from_secs(3600),
+            client_idle_timeout: Duration::from_secs(3600),
             mirror_timeout: Duration::from_secs(30),
         }
     }
@@ -170,12 +175,22 @@ impl Shim {
         connector: Arc<dyn Connector>,
         observer: Arc<dyn RequestObserver>,
     ) -> Arc<Self> {
+        // hyper's header read timeout also runs while a kept-alive
+        // connection waits for its next request, so it is the idle
+        // timeout; its own default (30 s) would close connections that
+        // clients keep longer (Go's pool: 90 s) and race their requests.
         let mut http1 = http1::Builder::new();
-        http1.timer(TokioTimer::new()).keep_alive(true);
+        http1
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(options.client_idle_timeout);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().timer(TokioTimer::new()).keep_alive(true);
+        auto.http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(options.client_idle_timeout);
         auto.http2().timer(TokioTimer::new());
         Arc::new(Self {
             pool: upstream::Pool::new(options.max_idle_per_endpoint),

@@ -1622,3 +1622,34 @@ fn a_connection_pool_duration_that_is_not_one_is_named_and_defaulted() {
         "{text:?}"
     );
 }
+
+/// A kept-alive client connection stays open while idle (hyper's own
+/// default would close it after 30 s), up to the client idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_close_after_the_idle_timeout_only() {
+    let net = 19;
+    let _pods = pods(net, None, None).await;
+    let cfg = load(&localize(&examples("composite-routing"), net));
+    assert_eq!(
+        ShimOptions::default().client_idle_timeout,
+        Duration::from_secs(3600)
+    );
+    let options = ShimOptions {
+        client_idle_timeout: Duration::from_millis(600),
+        ..ShimOptions::default()
+    };
+    let w = World::new(cfg, options, None).await;
+    let mut conn = w.h1().await;
+    for _ in 0..3 {
+        assert_eq!(conn.get("/", &[]).await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.sender.ready())
+        .await
+        .expect("the shim answers or closes in time");
+    assert!(
+        closed.is_err(),
+        "an idle connection outlived the idle timeout"
+    );
+}
