@@ -36,7 +36,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -46,6 +46,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::compile::RoutingTable;
 use crate::config::{ConfigWarning, LoadedConfig};
@@ -146,6 +147,8 @@ type RequestFuture =
 pub(crate) struct ConnCtx {
     pub info: ConnInfo,
     pub source: Workload,
+    /// Requests received on this connection (its idle check reads it).
+    pub requests: AtomicU64,
 }
 
 pub struct Shim {
@@ -165,6 +168,10 @@ pub struct Shim {
     http2: http2::Builder<TokioExecutor>,
     /// For a connection whose first bytes do not tell (see `preface`).
     auto: auto::Builder<TokioExecutor>,
+    /// Ticks every quarter of the client idle timeout, for every
+    /// connection's idle check (one timer for all of them; started on the
+    /// shim's runtime with its first connection).
+    idle_ticks: OnceLock<watch::Receiver<u64>>,
 }
 
 // === impl Shim ===
@@ -175,22 +182,24 @@ impl Shim {
         connector: Arc<dyn Connector>,
         observer: Arc<dyn RequestObserver>,
     ) -> Arc<Self> {
-        // hyper's header read timeout also runs while a kept-alive
-        // connection waits for its next request, so it is the idle
-        // timeout; its own default (30 s) would close connections that
-        // clients keep longer (Go's pool: 90 s) and race their requests.
+        // No header read timeout: hyper runs it while a kept-alive
+        // connection waits for its next request too, arming a timer per
+        // request (an allocation, and often a wake-up of the runtime), and
+        // its default (30 s) closes connections that clients keep longer
+        // (Go's pool: 90 s), racing their next request. The connection's
+        // idle check (`close_when_idle`) does that job instead.
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(options.client_idle_timeout);
+            .header_read_timeout(None);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(options.client_idle_timeout);
+            .header_read_timeout(None);
         auto.http2().timer(TokioTimer::new());
         Arc::new(Self {
             pool: upstream::Pool::new(options.max_idle_per_endpoint),
@@ -205,6 +214,7 @@ impl Shim {
             http1,
             http2,
             auto,
+            idle_ticks: OnceLock::new(),
         })
     }
 
@@ -261,8 +271,12 @@ impl Shim {
             .as_ref()
             .map(|p| crate::metrics::workload_of(&p.name, &p.namespace, &p.labels, &[]))
             .unwrap_or_else(Workload::unknown);
-        let ctx = Arc::new(ConnCtx { info: conn, source });
-        let service = self.service(ctx);
+        let ctx = Arc::new(ConnCtx {
+            info: conn,
+            source,
+            requests: AtomicU64::new(0),
+        });
+        let service = self.service(ctx.clone());
         let protocol = match preface::peek(&stream).await {
             Ok(p) => p,
             Err(e) => {
@@ -271,18 +285,22 @@ impl Shim {
             }
         };
         let io = TokioIo::new(stream);
+        let idle = self.idle_ticks();
         let ended = match protocol {
-            preface::Protocol::Http1 => self
-                .http1
-                .serve_connection(io, service)
-                .await
-                .map_err(Into::into),
+            preface::Protocol::Http1 => {
+                let conn = std::pin::pin!(self.http1.serve_connection(io, service));
+                close_when_idle(conn, &ctx, idle).await
+            }
             // Boxed: the task of every open connection is as big as this
             // future's largest state, and HTTP/1.1's is half of theirs.
-            preface::Protocol::Http2 => Box::pin(self.http2.serve_connection(io, service))
-                .await
-                .map_err(Into::into),
-            preface::Protocol::Undecided => Box::pin(self.auto.serve_connection(io, service)).await,
+            preface::Protocol::Http2 => {
+                let mut conn = Box::pin(self.http2.serve_connection(io, service));
+                close_when_idle(conn.as_mut(), &ctx, idle).await
+            }
+            preface::Protocol::Undecided => {
+                let mut conn = Box::pin(self.auto.serve_connection(io, service));
+                close_when_idle(conn.as_mut(), &ctx, idle).await
+            }
         };
         if let Err(e) = ended {
             tracing::debug!(error = %e, "shim connection ended with an error");
@@ -307,6 +325,7 @@ impl Shim {
         let shim = self.clone();
         hyper::service::service_fn(move |req| {
             shim.requests.fetch_add(1, Ordering::Relaxed);
+            ctx.requests.fetch_add(1, Ordering::Relaxed);
             let shim = shim.clone();
             let ctx = ctx.clone();
             Box::pin(async move { Ok(shim.handle(req, &ctx).await) }) as RequestFuture
@@ -326,6 +345,31 @@ impl Shim {
         self.pool.forget_netns(netns)
     }
 
+    /// The shared idle-check ticks; the first call starts the ticker on
+    /// the calling (the shim's) runtime.
+    fn idle_ticks(&self) -> watch::Receiver<u64> {
+        self.idle_ticks
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(0u64);
+                let period =
+                    (self.options.client_idle_timeout / QUIET_CHECKS).max(Duration::from_millis(1));
+                tokio::spawn(async move {
+                    let mut every =
+                        tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    loop {
+                        every.tick().await;
+                        // The shim and all its connections are gone.
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tx.send_modify(|n| *n += 1);
+                    }
+                });
+                rx
+            })
+            .clone()
+    }
+
     /// Requests received since the shim started.
     pub fn requests_received(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -334,6 +378,95 @@ impl Shim {
     /// Milliseconds since the shim started (outlier detection's clock).
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// A served connection that can be asked to finish.
+trait GracefulConnection: Future {
+    /// Finish the requests in flight, take no new one, then close.
+    fn finish(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulConnection for http1::Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> GracefulConnection for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> GracefulConnection for auto::Connection<'_, I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Quiet checks in a row that close a connection: it is closed after one
+/// to 1.25 idle timeouts without a request.
+const QUIET_CHECKS: u32 = 4;
+
+/// Serves `conn` to its end, closing it (gracefully) once no request has
+/// come for an idle timeout, as Envoy's downstream idle timeout does.
+/// `ticks` changes every quarter of the timeout: one timer for all
+/// connections, where hyper's header timeout armed one per request.
+async fn close_when_idle<C, E>(
+    mut conn: Pin<&mut C>,
+    ctx: &ConnCtx,
+    mut ticks: watch::Receiver<u64>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: GracefulConnection<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    ticks.mark_unchanged();
+    let (mut seen, mut quiet, mut closing) = (ctx.requests.load(Ordering::Relaxed), 0, false);
+    loop {
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => return ended.map_err(Into::into),
+            changed = ticks.changed(), if !closing => {
+                if changed.is_err() {
+                    // The shim is going away; serve to the end.
+                    closing = true;
+                    continue;
+                }
+                let now = ctx.requests.load(Ordering::Relaxed);
+                quiet = if now == seen { quiet + 1 } else { 0 };
+                seen = now;
+                if quiet >= QUIET_CHECKS {
+                    conn.as_mut().finish();
+                    closing = true;
+                }
+            }
+        }
     }
 }
 

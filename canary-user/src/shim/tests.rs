@@ -1517,6 +1517,7 @@ fn idle_connections_hold_a_small_service_future() {
             source_pod: None,
         },
         source: Workload::unknown(),
+        requests: std::sync::atomic::AtomicU64::new(0),
     });
     let unboxed = size(|req| {
         let (shim, ctx) = (shim.clone(), ctx.clone());
@@ -1553,7 +1554,7 @@ async fn idle_connections_are_small_tasks() {
     };
     let task = shim.clone().serve_connection(stream, conn);
     let size = std::mem::size_of_val(&task);
-    assert!(size <= 1280, "serve_connection future {size} bytes");
+    assert!(size <= 1408, "serve_connection future {size} bytes");
 }
 
 /// A pooled upstream connection is reused until it has been idle for the
@@ -1624,7 +1625,8 @@ fn a_connection_pool_duration_that_is_not_one_is_named_and_defaulted() {
 }
 
 /// A kept-alive client connection stays open while idle (hyper's own
-/// default would close it after 30 s), up to the client idle timeout.
+/// header timeout would close it after 30 s), up to the client idle
+/// timeout (closed within 1.25 of it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_connections_close_after_the_idle_timeout_only() {
     let net = 19;
