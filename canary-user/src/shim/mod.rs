@@ -76,8 +76,8 @@ pub struct ShimOptions {
     /// Idle HTTP/1.1 upstream connections kept per endpoint and client
     /// namespace.
     pub max_idle_per_endpoint: usize,
-    /// A client's HTTP/1.1 connection with no request for this long is
-    /// closed (Envoy's downstream `idle_timeout`, one hour by default in
+    /// A client's connection (HTTP/1.1 or h2c) with no request for this
+    /// long is closed (Envoy's downstream `idle_timeout`, one hour by default in
     /// Istio; it is also the most time a client may take to send a head).
     pub client_idle_timeout: Duration,
     /// How long a pooled upstream connection may stay idle when the
@@ -289,17 +289,17 @@ impl Shim {
         let ended = match protocol {
             preface::Protocol::Http1 => {
                 let conn = std::pin::pin!(self.http1.serve_connection(io, service));
-                close_when_idle(conn, &ctx, idle).await
+                close_when_idle(conn, |c| c.graceful_shutdown(), &ctx, idle).await
             }
             // Boxed: the task of every open connection is as big as this
             // future's largest state, and HTTP/1.1's is half of theirs.
             preface::Protocol::Http2 => {
                 let mut conn = Box::pin(self.http2.serve_connection(io, service));
-                close_when_idle(conn.as_mut(), &ctx, idle).await
+                close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
             }
             preface::Protocol::Undecided => {
                 let mut conn = Box::pin(self.auto.serve_connection(io, service));
-                close_when_idle(conn.as_mut(), &ctx, idle).await
+                close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
             }
         };
         if let Err(e) = ended {
@@ -381,54 +381,6 @@ impl Shim {
     }
 }
 
-/// A served connection that can be asked to finish.
-trait GracefulConnection: Future {
-    /// Finish the requests in flight, take no new one, then close.
-    fn finish(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> GracefulConnection for http1::Connection<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn finish(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, B> GracefulConnection for http2::Connection<I, S, TokioExecutor>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn finish(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, B> GracefulConnection for auto::Connection<'_, I, S, TokioExecutor>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn finish(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 /// Quiet checks in a row that close a connection: it is closed after one
 /// to 1.25 idle timeouts without a request.
 const QUIET_CHECKS: u32 = 4;
@@ -437,13 +389,16 @@ const QUIET_CHECKS: u32 = 4;
 /// come for an idle timeout, as Envoy's downstream idle timeout does.
 /// `ticks` changes every quarter of the timeout: one timer for all
 /// connections, where hyper's header timeout armed one per request.
+/// `finish` is the connection's `graceful_shutdown`: finish the requests
+/// in flight, take no new one, then close.
 async fn close_when_idle<C, E>(
     mut conn: Pin<&mut C>,
+    finish: fn(Pin<&mut C>),
     ctx: &ConnCtx,
     mut ticks: watch::Receiver<u64>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
-    C: GracefulConnection<Output = Result<(), E>>,
+    C: Future<Output = Result<(), E>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     ticks.mark_unchanged();
@@ -462,7 +417,7 @@ where
                 quiet = if now == seen { quiet + 1 } else { 0 };
                 seen = now;
                 if quiet >= QUIET_CHECKS {
-                    conn.as_mut().finish();
+                    finish(conn.as_mut());
                     closing = true;
                 }
             }

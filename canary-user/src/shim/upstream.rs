@@ -137,10 +137,11 @@ impl Pool {
     }
 
     fn get_h2(&self, key: &Key, idle_timeout: Duration) -> Option<http2::SendRequest<ReqBody>> {
+        let now = Instant::now();
         let mut shard = self.lock(key);
         match shard.get_mut(key) {
-            Some(Idle::H2(s, expires)) if !s.is_closed() && *expires > Instant::now() => {
-                *expires = Instant::now() + idle_timeout;
+            Some(Idle::H2(s, expires)) if !s.is_closed() && *expires > now => {
+                *expires = now + idle_timeout;
                 Some(s.clone())
             }
             _ => None,
@@ -156,23 +157,7 @@ impl Pool {
     /// Closes every pooled connection opened from network namespace
     /// `netns` (it is gone); returns how many.
     pub fn forget_netns(&self, netns: u64) -> usize {
-        let mut n = 0;
-        for shard in &self.shards {
-            shard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|key, idle| {
-                    let keep = key.netns != netns;
-                    if !keep {
-                        n += match idle {
-                            Idle::H1(list) => list.len(),
-                            Idle::H2(..) => 1,
-                        };
-                    }
-                    keep
-                });
-        }
-        n
+        self.retain(|key, _, _| key.netns != netns)
     }
 
     /// Keeps the pooled connections `keep(key, expires, closed)` accepts.
