@@ -16,8 +16,11 @@
 //! Each round runs wrk (`-t1 -c32 -d5s --latency`, keep-alive) through
 //! canary, nginx and HAProxy, without and with `x-canary-user: true`, in
 //! an order rotated from round to round; the report gives medians and the
-//! spread. Then wrk through both agents at once (request metrics on, off)
-//! for the cost of the metrics, and each proxy holds 1,000 idle keep-alive
+//! spread. Then wrk through canary and each peer at once (head to head:
+//! the targets are judged on these pairs, whose ratio holds from run to
+//! run where sequential rounds swing with the VM), through both agents at
+//! once (request metrics on, off) for the cost of the metrics, and each
+//! proxy holds 1,000 idle keep-alive
 //! connections (one request each) while its RSS is read. By default
 //! everything is pinned to one CPU (see `--l7-pin`). Results go to stdout, `target/bench/l7.md` and
 //! `target/bench/l7.json`; `--l7-profile` adds system-call counts and
@@ -109,10 +112,17 @@ pub struct L7Args {
     /// at once.
     #[arg(id = "l7_metrics_runs", long = "l7-metrics-runs", default_value_t = 5)]
     pub metrics_pairs: usize,
-    /// Seconds per wrk run of the metrics on / off runs.
+    /// Head to head: this many wrk runs through canary and nginx at once
+    /// (and as many through canary and HAProxy), per route. The targets
+    /// are judged on these: both proxies of a run see the same machine.
+    #[arg(id = "l7_pairs", long = "l7-pairs", default_value_t = 5)]
+    pub pairs: usize,
+    /// Seconds per wrk run of the runs through two proxies at once (head
+    /// to head, metrics on / off).
     #[arg(
         id = "l7_metrics_seconds",
-        long = "l7-metrics-seconds",
+        long = "l7-pair-seconds",
+        alias = "l7-metrics-seconds",
         default_value_t = 4
     )]
     pub metrics_seconds: u64,
@@ -222,6 +232,9 @@ pub struct Results {
     /// (request metrics on, off): wrk through the two agents at the same
     /// time (95/5).
     pub metrics_pairs: Vec<(Run, Run)>,
+    /// Head to head, (other peer, route) → (canary's run, the other's):
+    /// wrk through canary and the other proxy at the same time.
+    pub head_to_head: BTreeMap<(Peer, Variant), Vec<(Run, Run)>>,
     pub rss: BTreeMap<Peer, Vec<Rss>>,
     /// The agents' CPU use while idle, CPU-s per s (their background work:
     /// namespace scans, ticks, metrics).
@@ -476,6 +489,7 @@ pub fn run(args: &L7Args) -> Result<()> {
         args: args.clone(),
         runs: BTreeMap::new(),
         metrics_pairs: Vec::new(),
+        head_to_head: BTreeMap::new(),
         rss: BTreeMap::new(),
         agent_idle_cpu: BTreeMap::new(),
         sanity: BTreeMap::new(),
@@ -608,6 +622,7 @@ fn measure_all(lab: &Lab, bins: &Bins, cpus: Cpus, results: &mut Results) -> Res
             }
         }
     }
+    head_to_head(lab, cpus, &args, results)?;
     metrics_pairs(lab, cpus, &args, results)?;
     say(format!(
         "bench l7: RSS with {} idle keep-alive connections, {} rounds",
@@ -698,6 +713,32 @@ fn run_line(peer: Peer, variant: Variant, r: &Run) -> String {
     )
 }
 
+/// Head to head: wrk through canary and nginx at the same time, then
+/// through canary and HAProxy, `--l7-pairs` runs per route. On this VM a
+/// run lands in one of a few throughput modes for seconds at a time, and
+/// one proxy measured after another can land in different ones (one build
+/// has measured 0.86–1.17× nginx's CPU per request in sequential rounds);
+/// two proxies loaded at once share the mode, so their ratio holds from
+/// run to run. Both run at half the CPU each, so absolute figures are not
+/// those of the rounds.
+fn head_to_head(lab: &Lab, cpus: Cpus, args: &L7Args, results: &mut Results) -> Result<()> {
+    if args.pairs == 0 {
+        return Ok(());
+    }
+    say(format!(
+        "bench l7: head to head: {} runs × {} s per route and peer, wrk through canary and the \
+         peer at once",
+        args.pairs, args.metrics_seconds
+    ));
+    for other in [Peer::Nginx, Peer::Haproxy] {
+        for variant in Variant::ALL {
+            let runs = at_once(lab, cpus, [Peer::Canary, other], variant, args, results)?;
+            results.head_to_head.insert((other, variant), runs);
+        }
+    }
+    Ok(())
+}
+
 /// Request metrics on / off: wrk through both agents at the same time
 /// (the same config, the same client namespace and CPU, each agent with
 /// its cgroup), so whatever else slows the machine slows both alike; the
@@ -708,43 +749,81 @@ fn metrics_pairs(lab: &Lab, cpus: Cpus, args: &L7Args, results: &mut Results) ->
         args.metrics_pairs, args.metrics_seconds
     ));
     let peers = [Peer::Canary, Peer::CanaryNoMetrics];
-    for i in 0..args.metrics_pairs {
+    let runs = at_once(lab, cpus, peers, Variant::Split, args, results)?;
+    results.metrics_pairs = runs;
+    Ok(())
+}
+
+/// `args.pairs` (head to head) or `args.metrics_pairs` runs of wrk
+/// through both `peers` at once, each as (first peer's run, second's).
+/// The wrk processes start in alternating order; a run with socket errors
+/// or non-2xx answers is run once more.
+fn at_once(
+    lab: &Lab,
+    cpus: Cpus,
+    peers: [Peer; 2],
+    variant: Variant,
+    args: &L7Args,
+    results: &mut Results,
+) -> Result<Vec<(Run, Run)>> {
+    let n = if peers[1] == Peer::CanaryNoMetrics {
+        args.metrics_pairs
+    } else {
+        args.pairs
+    };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
         check_interrupted()?;
+        let order = if i % 2 == 0 {
+            peers
+        } else {
+            [peers[1], peers[0]]
+        };
         let mut attempt = 0;
-        let (on, off) = loop {
+        let (a, b) = loop {
             attempt += 1;
             let mut runs = peer_runs(
                 lab,
                 cpus,
-                &peers,
-                Variant::Split,
+                &order,
+                variant,
                 args.connections,
                 args.metrics_seconds,
             )?;
-            let (Some(off), Some(on)) = (runs.pop(), runs.pop()) else {
-                bail!("wrk returned fewer runs than agents");
+            let (Some(second), Some(first)) = (runs.pop(), runs.pop()) else {
+                bail!("wrk returned fewer runs than proxies");
             };
-            let clean = [&on, &off]
+            let (a, b) = if i % 2 == 0 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            let clean = [&a, &b]
                 .iter()
                 .all(|r| r.wrk.socket_errors + r.wrk.non_2xx == 0);
             if clean || attempt == 2 {
-                break (on, off);
+                break (a, b);
             }
             say("bench l7:   (discarded for socket errors or non-2xx, run again)");
-            results.reruns.push("metrics on / off".into());
+            results.reruns.push(format!(
+                "{} + {} ({})",
+                peers[0].label(),
+                peers[1].label(),
+                variant.key()
+            ));
         };
-        for (peer, r) in [(Peer::Canary, &on), (Peer::CanaryNoMetrics, &off)] {
+        for (peer, r) in [(peers[0], &a), (peers[1], &b)] {
             say(format!(
                 "bench l7:   {}/{} {}",
                 i + 1,
-                args.metrics_pairs,
-                run_line(peer, Variant::Split, r)
+                n,
+                run_line(peer, variant, r)
             ));
         }
-        results.metrics_pairs.push((on, off));
+        out.push((a, b));
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The peers of one round, rotated from round to round.
