@@ -1626,7 +1626,7 @@ fn a_connection_pool_duration_that_is_not_one_is_named_and_defaulted() {
 
 /// A kept-alive client connection stays open while idle (hyper's own
 /// header timeout would close it after 30 s), up to the client idle
-/// timeout (closed within 1.25 of it).
+/// timeout (closed within 1.25 of it); an h2c connection too (GOAWAY).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_connections_close_after_the_idle_timeout_only() {
     let net = 19;
@@ -1642,8 +1642,18 @@ async fn idle_client_connections_close_after_the_idle_timeout_only() {
     };
     let w = World::new(cfg, options, None).await;
     let mut conn = w.h1().await;
+    let mut h2 = w.h2().await;
     for _ in 0..3 {
         assert_eq!(conn.get("/", &[]).await.status, StatusCode::OK);
+        h2.ready()
+            .await
+            .expect("h2c connection open between requests");
+        let req = Request::builder()
+            .uri(format!("http://{AUTHORITY}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = h2.send_request(req).await.expect("h2c answer");
+        assert_eq!(resp.status(), StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -1653,5 +1663,19 @@ async fn idle_client_connections_close_after_the_idle_timeout_only() {
     assert!(
         closed.is_err(),
         "an idle connection outlived the idle timeout"
+    );
+    let h2_closed = tokio::time::timeout(Duration::from_secs(5), async {
+        // The GOAWAY arrives on the connection task; poll until it lands.
+        loop {
+            if h2.ready().await.is_err() || h2.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        h2_closed.is_ok(),
+        "an idle h2c connection outlived the idle timeout"
     );
 }
