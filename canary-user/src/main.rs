@@ -10,6 +10,15 @@ use canary::admin::{self, protocol::Request};
 use canary::agent::{self, AgentOptions};
 use canary::dataplane::KernelLogLevel;
 
+/// jemalloc: see `canary::agent::memory` for why, and for its settings.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc reads its options from this symbol when it starts (the
+/// bindings prefix jemalloc's symbols with `_rjem_`).
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: &[u8; agent::memory::JEMALLOC_CONF.len()] = agent::memory::JEMALLOC_CONF;
+
 #[derive(Parser)]
 #[command(
     name = "canary",
@@ -178,8 +187,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
             };
-            // Before any thread starts: arenas are made per thread.
-            agent::memory::use_one_arena();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
