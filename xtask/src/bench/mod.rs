@@ -16,7 +16,11 @@
 //!
 //! Each round runs every scenario with wrk (new connection per request, and
 //! keep-alive), in an order rotated from round to round; the report gives
-//! the median of the rounds. Then `connect()` timing with `canary-probe
+//! the median of the rounds. Then the at-once runs: wrk through both
+//! scenarios of a compared pair at the same time (the VIPs and the direct
+//! path, canary and iptables, 10,000 services and one), whose per-run
+//! ratios hold where sequential rounds swing with the VM; the targets are
+//! judged on them. Then `connect()` timing with `canary-probe
 //! --connect-timing` (interleaved rounds, differences paired by round), and
 //! how fast a `canary weights` change reaches new connections
 //! (`canary-probe --timeline`). Results go to stdout, `target/bench/l4.md`
@@ -218,9 +222,9 @@ pub struct Results {
     /// scenario key → one timing per connect round (round i of every
     /// scenario ran in the same pass).
     pub connect: BTreeMap<&'static str, Vec<ConnectTiming>>,
-    /// (canary scenario key, mode) → (its run, the direct run) of wrk
-    /// runs made at the same time (see `at_once`).
-    pub at_once: BTreeMap<(&'static str, &'static str), Vec<(WrkResult, WrkResult)>>,
+    /// (scenario key, the scenario it is compared with, mode) → (its run,
+    /// the other's) of wrk runs made at the same time (see `at_once`).
+    pub at_once: BTreeMap<AtOnceKey, Vec<(WrkResult, WrkResult)>>,
     /// scenario key → the sanity probe's report.
     pub sanity: BTreeMap<&'static str, ProbeReport>,
     pub weights: Vec<WeightsTrial>,
@@ -237,6 +241,19 @@ pub struct Results {
     pub repeated: usize,
     pub wall_s: f64,
 }
+
+/// (scenario, the scenario it ran beside, mode).
+pub type AtOnceKey = (&'static str, &'static str, &'static str);
+
+/// The comparisons of the issue's targets that run at once: the VIPs
+/// against the direct path, canary against iptables, and canary among
+/// 10,000 services against canary with one.
+const AT_ONCE: [(&str, &str); 4] = [
+    ("canary_one", "direct"),
+    ("canary_split", "direct"),
+    ("canary_split", "iptables_split"),
+    ("canary_10k", "canary_split"),
+];
 
 /// One `canary weights` flip, 100/0 → 0/100, seen by a client loop.
 #[derive(Clone, Copy, Debug)]
@@ -752,61 +769,61 @@ fn throughput(world: &World, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-/// wrk through a canary VIP and straight to the same pod at the same
-/// time, `pairs` runs per VIP scenario and mode, the two wrk started in
-/// alternating order. Rounds run one after the other can land in
-/// different throughput modes of this VM (the direct path alone has
-/// ranged 5200–7400 new connections/s); two loads at once share the mode,
-/// so their ratio holds from run to run. Each wrk gets about half the
-/// CPU, and the backend pod serves both: the ratio weighs canary's
-/// per-connection cost against the client's share of the path, not the
-/// whole path's, which makes it the stricter of the two.
+/// wrk through both scenarios of each [`AT_ONCE`] pair at the same time,
+/// `pairs` runs per pair and mode, the two wrk started in alternating
+/// order. Rounds run one after the other can land in different throughput
+/// modes of this VM (the direct path alone has ranged 5200–7400 new
+/// connections/s); two loads at once share the mode, so their ratio holds
+/// from run to run. Each wrk gets about half the CPU and the backend pods
+/// serve both, so the ratio weighs the difference against the client's
+/// share of the path rather than the whole path's: for canary against
+/// the direct path, the stricter reading.
 fn at_once(world: &World, pairs: usize, results: &mut Results) -> Result<()> {
-    let Some(direct) = results.scenarios.iter().find(|s| s.key == "direct") else {
-        return Ok(());
-    };
-    let vips: Vec<&Scenario> = results
-        .scenarios
+    let find = |key: &str| results.scenarios.iter().find(|s| s.key == key);
+    let legs: Vec<(&Scenario, &Scenario)> = AT_ONCE
         .iter()
-        .filter(|s| matches!(s.key, "canary_one" | "canary_split"))
+        .filter_map(|(a, b)| Some((find(a)?, find(b)?)))
         .collect();
-    if pairs == 0 || vips.is_empty() {
+    if pairs == 0 || legs.is_empty() {
         return Ok(());
     }
     say(format!(
-        "bench: at once: {pairs} runs × {} VIP scenario(s) × 2 modes × {} s, wrk through the VIP \
-         and straight to the pod at the same time",
-        vips.len(),
+        "bench: at once: {pairs} runs × {} pairs of scenarios × 2 modes × {} s, wrk through both \
+         scenarios of a pair at the same time",
+        legs.len(),
         results.load.duration.as_secs()
     ));
-    let mut out: BTreeMap<(&'static str, &'static str), Vec<(WrkResult, WrkResult)>> =
-        BTreeMap::new();
+    let mut out: BTreeMap<AtOnceKey, Vec<(WrkResult, WrkResult)>> = BTreeMap::new();
     for i in 0..pairs {
-        for s in &vips {
+        for (s, other) in &legs {
             for mode in Mode::ALL {
                 check_interrupted()?;
-                let (vip, plain) = std::thread::scope(|scope| {
-                    let first = if i % 2 == 0 { *s } else { direct };
-                    let second = if i % 2 == 0 { direct } else { *s };
+                let (first, second) = if i % 2 == 0 {
+                    (*s, *other)
+                } else {
+                    (*other, *s)
+                };
+                let (a, b) = std::thread::scope(|scope| {
                     let a = scope.spawn(|| measure(world, results, first, mode, None));
                     let b = scope.spawn(|| measure(world, results, second, mode, None));
-                    let (a, b) = (join(a), join(b));
-                    if i % 2 == 0 { (a, b) } else { (b, a) }
+                    (join(a), join(b))
                 });
-                let (vip, plain) = (vip?, plain?);
+                let (a, b) = (a?, b?);
+                let (mine, theirs) = if i % 2 == 0 { (a, b) } else { (b, a) };
                 say(format!(
-                    "bench:   at once {}/{pairs} {:<26} {:<10} {:>8.0} req/s, direct {:>8.0} req/s: \
-                     {:.3}",
+                    "bench:   at once {}/{pairs} {:<26} {:>8.0} req/s beside {:<24} {:>8.0} req/s \
+                     ({:<10}): {:.3}",
                     i + 1,
                     s.label,
+                    mine.requests_per_sec,
+                    other.label,
+                    theirs.requests_per_sec,
                     mode.key(),
-                    vip.requests_per_sec,
-                    plain.requests_per_sec,
-                    vip.requests_per_sec / plain.requests_per_sec.max(1.0)
+                    mine.requests_per_sec / theirs.requests_per_sec.max(1.0)
                 ));
-                out.entry((s.key, mode.key()))
+                out.entry((s.key, other.key, mode.key()))
                     .or_default()
-                    .push((vip, plain));
+                    .push((mine, theirs));
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

@@ -205,8 +205,8 @@ struct Target {
     paired: Option<f64>,
     /// Ratio of the best rounds.
     best: Option<f64>,
-    /// Median of the ratios of runs made at the same time (VIP and direct
-    /// only); the verdict uses it when there is one.
+    /// Median of the ratios of runs made at the same time (the pairs in
+    /// `AT_ONCE`); the verdict uses it when there is one.
     at_once: Option<f64>,
     goal: f64,
 }
@@ -221,25 +221,23 @@ impl Target {
     }
 }
 
-/// Per at-once run of canary scenario `key` and the direct path in
-/// `mode`, canary's req/s over direct's.
-fn at_once_ratios(r: &Results, key: &str, mode: &str) -> Vec<f64> {
+/// Per at-once run of scenario `a` beside `b` in `mode`, `a`'s req/s over
+/// `b`'s.
+fn at_once_ratios(r: &Results, a: &str, b: &str, mode: &str) -> Vec<f64> {
     r.at_once
         .iter()
-        .find(|((k, m), _)| *k == key && *m == mode)
+        .find(|((ka, kb, m), _)| *ka == a && *kb == b && *m == mode)
         .map_or(Vec::new(), |(_, runs)| {
             runs.iter()
-                .filter(|(_, d)| d.requests_per_sec > 0.0)
-                .map(|(c, d)| c.requests_per_sec / d.requests_per_sec)
+                .filter(|(_, o)| o.requests_per_sec > 0.0)
+                .map(|(x, o)| x.requests_per_sec / o.requests_per_sec)
                 .collect()
         })
 }
 
-/// The median of [`at_once_ratios`] when `b` is the direct path.
+/// The median of [`at_once_ratios`].
 fn ratio_at_once(r: &Results, a: &str, b: &str, mode: &str) -> Option<f64> {
-    (b == "direct")
-        .then(|| median(&mut at_once_ratios(r, a, mode)))
-        .flatten()
+    median(&mut at_once_ratios(r, a, b, mode))
 }
 
 fn targets(r: &Results) -> Vec<Target> {
@@ -334,29 +332,34 @@ fn cpu_cell(r: &Results, key: &str) -> String {
 /// The lines both the terminal and the markdown show under the table.
 fn summary_lines(r: &Results) -> Vec<String> {
     let mut out = Vec::new();
-    for key in ["canary_one", "canary_split"] {
-        let Some(label) = r.scenarios.iter().find(|s| s.key == key).map(|s| s.label) else {
-            continue;
-        };
+    let label = |key: &str| {
+        r.scenarios
+            .iter()
+            .find(|s| s.key == key)
+            .map_or("?", |s| s.label)
+    };
+    let pairs: std::collections::BTreeSet<(&str, &str)> =
+        r.at_once.keys().map(|(a, b, _)| (*a, *b)).collect();
+    for (a, b) in pairs {
         let cells: Vec<String> = [
             ("new_conn", "new connections"),
             ("keep_alive", "keep-alive"),
         ]
         .iter()
         .filter_map(|(mode, name)| {
-            let mut v = at_once_ratios(r, key, mode);
+            let mut v = at_once_ratios(r, a, b, mode);
             let runs = v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>();
             let m = median(&mut v)?;
             Some(format!("{name} {m:.3} ({})", runs.join(" ")))
         })
         .collect();
-        if !cells.is_empty() {
-            out.push(format!(
-                "at once, {label} / direct (wrk through both at the same time, median of the \
-                 per-run ratios; each run in brackets): {}",
-                cells.join("; ")
-            ));
-        }
+        out.push(format!(
+            "at once, {} / {} (wrk through both at the same time, median of the per-run \
+             ratios; each run in brackets): {}",
+            label(a),
+            label(b),
+            cells.join("; ")
+        ));
     }
     if let Some((med, max, machine)) = background(r) {
         out.push(format!(
@@ -614,9 +617,9 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "\nTargets (informational; the ratio of the medians, the median of the ratios within \
-         each round, the ratio of the best rounds, and for the VIP / direct targets the median \
-         of the ratios of runs made at the same time; the verdict is on the at-once ratio where \
-         there is one, else on the medians):\n\n\
+         each round, the ratio of the best rounds, and the median of the ratios of runs made \
+         at the same time; the verdict is on the at-once ratio where there is one, else on the \
+         medians):\n\n\
          | | target | median | paired | best | at once |\n|---|---|---:|---:|---:|---:|"
     );
     for t in targets(r) {
@@ -744,10 +747,10 @@ pub fn json(r: &Results) -> Value {
                 "first_v2_after_cli_start_ms": since_start,
             })),
         },
-        "at_once": r.at_once.iter().map(|((key, mode), runs)| json!({
-            "scenario": key, "mode": mode, "vs": "direct",
-            "ratios": at_once_ratios(r, key, mode),
-            "runs": runs.iter().map(|(c, d)| json!({"canary": c.to_json(), "direct": d.to_json()})).collect::<Vec<_>>(),
+        "at_once": r.at_once.iter().map(|((a, b, mode), runs)| json!({
+            "scenario": a, "beside": b, "mode": mode,
+            "ratios": at_once_ratios(r, a, b, mode),
+            "runs": runs.iter().map(|(x, o)| json!({"scenario": x.to_json(), "beside": o.to_json()})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "targets": targets(r).iter().map(|t| json!({
             "target": t.what, "median_ratio": t.value, "paired_ratio": t.paired, "best_ratio": t.best,
