@@ -122,7 +122,7 @@ impl Shim {
                 let workload = ep.workload.clone();
                 match shim
                     .pool
-                    .send(&*shim.connector, key, cluster.limits, req)
+                    .send(&*shim.connector, key, cluster.limits, &mut Some(req))
                     .await
                 {
                     Ok((resp, pooled)) => {
@@ -139,7 +139,7 @@ impl Shim {
                         };
                         Some((status, Flags::default(), workload, req_bytes, n))
                     }
-                    Err((super::upstream::SendError::Connect(_), _)) => {
+                    Err(super::upstream::SendError::Connect(_)) => {
                         Some((503, Flags::UF, workload, req_bytes, 0))
                     }
                     Err(_) => Some((503, Flags::UC, workload, req_bytes, 0)),

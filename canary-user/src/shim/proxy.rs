@@ -397,17 +397,16 @@ impl Shim {
                 last_fail = Some((StatusCode::SERVICE_UNAVAILABLE, Flags::UH));
                 break;
             };
-            let req = match pending.take() {
-                Some(req) => req,
-                None => match rebuild(&head, &replay, body_empty) {
-                    Some(req) => req,
+            if pending.is_none() {
+                match rebuild(&head, &replay, body_empty) {
+                    Some(req) => pending = Some(req),
                     // The body cannot be sent again: no retry.
                     None => {
                         last_fail = None;
                         break;
                     }
-                },
-            };
+                }
+            }
             let key = Key {
                 netns,
                 addr: ep.addr,
@@ -420,7 +419,11 @@ impl Shim {
                 (None, None) => None,
             };
             ep.health.start();
-            let send = self.pool.send(&*self.connector, key, cluster.limits, req);
+            // `pending` keeps the request until a connection takes it,
+            // and gets it back if it was not sent.
+            let send = self
+                .pool
+                .send(&*self.connector, key, cluster.limits, &mut pending);
             let result = match try_deadline {
                 Some((at, _)) => tokio::time::timeout_at(at, send).await.ok(),
                 None => Some(send.await),
@@ -460,21 +463,19 @@ impl Shim {
                     }
                     (true, None)
                 }
-                Some(Err((SendError::Connect(e), back))) => {
+                Some(Err(SendError::Connect(e))) => {
                     tracing::debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
                     self.report(cluster, ep, Outcome::Error { gateway: true }, now_ms);
-                    pending = back;
                     let cond = on::CONNECT_FAILURE | on::NO_RESPONSE | on::RESET_BEFORE_REQUEST;
                     (
                         retry.on & cond != 0,
                         Some((StatusCode::SERVICE_UNAVAILABLE, Flags::UF)),
                     )
                 }
-                Some(Err((SendError::Reset { refused, error }, back))) => {
+                Some(Err(SendError::Reset { refused, error })) => {
                     tracing::debug!(endpoint = %ep.addr, error = %error, "upstream reset");
                     self.report(cluster, ep, Outcome::Error { gateway: true }, now_ms);
-                    let before = back.is_some();
-                    pending = back;
+                    let before = pending.is_some();
                     let mut cond = on::NO_RESPONSE;
                     if refused {
                         cond |= on::REFUSED_STREAM;

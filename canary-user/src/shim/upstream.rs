@@ -101,10 +101,11 @@ pub(crate) enum SendError {
     Reset { refused: bool, error: hyper::Error },
 }
 
-/// On a connect failure the request comes back (it was not sent), so a
-/// retry needs no copy of it.
-pub(crate) type SendResult =
-    Result<(Response<Incoming>, Option<PoolReturn>), (SendError, Option<Request<ReqBody>>)>;
+/// The response, and the connection to pool once its body has been read.
+/// The request is passed as `&mut Option`: it is taken out only when it
+/// is handed to a connection, and put back when it was not sent (a closed
+/// pooled connection, a failed connect), so a retry needs no copy of it.
+pub(crate) type SendResult = Result<(Response<Incoming>, Option<PoolReturn>), SendError>;
 
 impl Pool {
     pub fn new(max_idle: usize) -> Arc<Pool> {
@@ -182,56 +183,51 @@ impl Pool {
         dropped
     }
 
-    /// Sends `req` to `key.addr`, on a pooled connection when there is a
-    /// usable one. A pooled connection that turns out closed before the
-    /// request went out is replaced by a new one transparently.
+    /// Sends the request in `req` to `key.addr`, on a pooled connection
+    /// when there is a usable one. A pooled connection that turns out
+    /// closed before the request went out is replaced by a new one
+    /// transparently. `req` is `Some` afterwards only if the request was
+    /// not sent.
     pub async fn send(
         self: &Arc<Self>,
         connector: &dyn Connector,
         key: Key,
         limits: Limits,
-        req: Request<ReqBody>,
+        req: &mut Option<Request<ReqBody>>,
     ) -> SendResult {
-        // Every request's future holds this one; the h2 path and opening a
-        // connection are boxed so the common case (a pooled HTTP/1.1
-        // connection) stays small: request futures are moved by value at
-        // every `.await` that starts one, so their size is paid per request.
+        // Every request's future holds this one, moved by value at each
+        // `.await` that starts it, so its size is paid per request: the h2
+        // path and opening a connection are boxed, and the request stays
+        // in the caller's `Option` (an async fn's arguments are stored
+        // twice in its future) until a connection takes it.
         if key.h2 {
-            Box::pin(self.send_h2(connector, key, limits, req)).await
-        } else {
-            self.send_h1(connector, key, limits, req).await
+            return Box::pin(self.send_h2(connector, key, limits, req)).await;
         }
-    }
-
-    async fn send_h1(
-        self: &Arc<Self>,
-        connector: &dyn Connector,
-        key: Key,
-        limits: Limits,
-        mut req: Request<ReqBody>,
-    ) -> SendResult {
         while let Some(mut sender) = self.take_h1(&key) {
             if sender.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(req).await {
+            let Some(r) = req.take() else {
+                return Err(SendError::Connect(io::Error::other("no request to send")));
+            };
+            match sender.try_send_request(r).await {
                 Ok(resp) => return Ok((resp, Some(self.pooled(key, sender, limits)))),
                 Err(mut e) => match e.take_message() {
                     // Not sent: the idle connection was closed; next one.
-                    Some(r) => req = r,
-                    None => return Err((reset(e.into_error()), None)),
+                    Some(r) => *req = Some(r),
+                    None => return Err(reset(e.into_error())),
                 },
             }
         }
-        let mut sender = match Box::pin(open_h1(connector, key, limits.connect_timeout)).await {
-            Ok(sender) => sender,
-            Err(e) => return Err((e, Some(req))),
+        let mut sender = Box::pin(open_h1(connector, key, limits.connect_timeout)).await?;
+        let Some(r) = req.take() else {
+            return Err(SendError::Connect(io::Error::other("no request to send")));
         };
-        match sender.try_send_request(req).await {
+        match sender.try_send_request(r).await {
             Ok(resp) => Ok((resp, Some(self.pooled(key, sender, limits)))),
             Err(mut e) => {
-                let back = e.take_message();
-                Err((reset(e.into_error()), back))
+                *req = e.take_message();
+                Err(reset(e.into_error()))
             }
         }
     }
@@ -255,23 +251,24 @@ impl Pool {
         connector: &dyn Connector,
         key: Key,
         limits: Limits,
-        mut req: Request<ReqBody>,
+        req: &mut Option<Request<ReqBody>>,
     ) -> SendResult {
+        let no_request = || SendError::Connect(io::Error::other("no request to send"));
         if let Some(mut sender) = self.get_h2(&key, limits.idle_timeout)
             && sender.ready().await.is_ok()
         {
-            match sender.try_send_request(req).await {
+            match sender
+                .try_send_request(req.take().ok_or_else(no_request)?)
+                .await
+            {
                 Ok(resp) => return Ok((resp, None)),
                 Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err((reset(e.into_error()), None)),
+                    Some(r) => *req = Some(r),
+                    None => return Err(reset(e.into_error())),
                 },
             }
         }
-        let stream = match connect(connector, key, limits.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => return Err((e, Some(req))),
-        };
+        let stream = connect(connector, key, limits.connect_timeout).await?;
         let mut sender = match http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await {
             Ok((sender, conn)) => {
                 tokio::spawn(async move {
@@ -279,20 +276,23 @@ impl Pool {
                 });
                 sender
             }
-            Err(e) => return Err((SendError::Connect(io::Error::other(e)), Some(req))),
+            Err(e) => return Err(SendError::Connect(io::Error::other(e))),
         };
         self.lock(&key).insert(
             key,
             Idle::H2(sender.clone(), Instant::now() + limits.idle_timeout),
         );
         if let Err(e) = sender.ready().await {
-            return Err((SendError::Connect(io::Error::other(e)), Some(req)));
+            return Err(SendError::Connect(io::Error::other(e)));
         }
-        match sender.try_send_request(req).await {
+        match sender
+            .try_send_request(req.take().ok_or_else(no_request)?)
+            .await
+        {
             Ok(resp) => Ok((resp, None)),
             Err(mut e) => {
-                let back = e.take_message();
-                Err((reset(e.into_error()), back))
+                *req = e.take_message();
+                Err(reset(e.into_error()))
             }
         }
     }
