@@ -4,7 +4,7 @@
 //! The `canary` binary allocates with jemalloc (`main.rs`), for the shim's
 //! sake: hyper re-allocates an 8 KiB read buffer per request on both sides
 //! of the shim (its header values still point into the old one when it
-//! reads again), and the request future is 4.8 KB. glibc serves blocks
+//! reads again), and the request future is 3.4 KB. glibc serves blocks
 //! that size from its bins, consolidating its fastbins on the way;
 //! jemalloc keeps them in a per-thread cache. Head to head with nginx
 //! that was 5–8% less CPU per request. Its settings ([`JEMALLOC_CONF`]):
