@@ -207,10 +207,7 @@ impl Pool {
             if sender.ready().await.is_err() {
                 continue;
             }
-            let Some(r) = req.take() else {
-                return Err(SendError::Connect(io::Error::other("no request to send")));
-            };
-            match sender.try_send_request(r).await {
+            match sender.try_send_request(take(req)?).await {
                 Ok(resp) => return Ok((resp, Some(self.pooled(key, sender, limits)))),
                 Err(mut e) => match e.take_message() {
                     // Not sent: the idle connection was closed; next one.
@@ -220,10 +217,7 @@ impl Pool {
             }
         }
         let mut sender = Box::pin(open_h1(connector, key, limits.connect_timeout)).await?;
-        let Some(r) = req.take() else {
-            return Err(SendError::Connect(io::Error::other("no request to send")));
-        };
-        match sender.try_send_request(r).await {
+        match sender.try_send_request(take(req)?).await {
             Ok(resp) => Ok((resp, Some(self.pooled(key, sender, limits)))),
             Err(mut e) => {
                 *req = e.take_message();
@@ -253,14 +247,10 @@ impl Pool {
         limits: Limits,
         req: &mut Option<Request<ReqBody>>,
     ) -> SendResult {
-        let no_request = || SendError::Connect(io::Error::other("no request to send"));
         if let Some(mut sender) = self.get_h2(&key, limits.idle_timeout)
             && sender.ready().await.is_ok()
         {
-            match sender
-                .try_send_request(req.take().ok_or_else(no_request)?)
-                .await
-            {
+            match sender.try_send_request(take(req)?).await {
                 Ok(resp) => return Ok((resp, None)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => *req = Some(r),
@@ -285,10 +275,7 @@ impl Pool {
         if let Err(e) = sender.ready().await {
             return Err(SendError::Connect(io::Error::other(e)));
         }
-        match sender
-            .try_send_request(req.take().ok_or_else(no_request)?)
-            .await
-        {
+        match sender.try_send_request(take(req)?).await {
             Ok(resp) => Ok((resp, None)),
             Err(mut e) => {
                 *req = e.take_message();
@@ -296,6 +283,14 @@ impl Pool {
             }
         }
     }
+}
+
+/// The request for a connection that is ready to take it. The caller
+/// always passes one; an empty `req` is a bug, reported as a failure to
+/// send rather than a panic in the data path.
+fn take(req: &mut Option<Request<ReqBody>>) -> Result<Request<ReqBody>, SendError> {
+    req.take()
+        .ok_or_else(|| SendError::Connect(io::Error::other("no request to send")))
 }
 
 /// A new HTTP/1.1 connection, ready for a request; its connection task

@@ -109,9 +109,10 @@ pub struct BenchArgs {
     /// `weights`. Ratios against scenarios left out show n/a.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// At-once runs: this many wrk runs per mode through a canary VIP
-    /// (one endpoint, and 90/10) and straight to the pod at the same
-    /// time. The direct-path targets are judged on these.
+    /// At-once runs: this many wrk runs per mode through both scenarios
+    /// of each compared pair (VIPs and direct, canary and iptables, 10k
+    /// services and one) at the same time. The targets are judged on
+    /// these.
     #[arg(long, default_value_t = 6)]
     pairs: usize,
 }

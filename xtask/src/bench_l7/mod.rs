@@ -732,7 +732,15 @@ fn head_to_head(lab: &Lab, cpus: Cpus, args: &L7Args, results: &mut Results) -> 
     ));
     for other in [Peer::Nginx, Peer::Haproxy] {
         for variant in Variant::ALL {
-            let runs = at_once(lab, cpus, [Peer::Canary, other], variant, args, results)?;
+            let runs = at_once(
+                lab,
+                cpus,
+                [Peer::Canary, other],
+                variant,
+                args.pairs,
+                args,
+                results,
+            )?;
             results.head_to_head.insert((other, variant), runs);
         }
     }
@@ -749,13 +757,21 @@ fn metrics_pairs(lab: &Lab, cpus: Cpus, args: &L7Args, results: &mut Results) ->
         args.metrics_pairs, args.metrics_seconds
     ));
     let peers = [Peer::Canary, Peer::CanaryNoMetrics];
-    let runs = at_once(lab, cpus, peers, Variant::Split, args, results)?;
+    let runs = at_once(
+        lab,
+        cpus,
+        peers,
+        Variant::Split,
+        args.metrics_pairs,
+        args,
+        results,
+    )?;
     results.metrics_pairs = runs;
     Ok(())
 }
 
-/// `args.pairs` (head to head) or `args.metrics_pairs` runs of wrk
-/// through both `peers` at once, each as (first peer's run, second's).
+/// `n` runs of wrk through both `peers` at once, each as (first peer's
+/// run, second's).
 /// The wrk processes start in alternating order; a run with socket errors
 /// or non-2xx answers is run once more.
 fn at_once(
@@ -763,14 +779,10 @@ fn at_once(
     cpus: Cpus,
     peers: [Peer; 2],
     variant: Variant,
+    n: usize,
     args: &L7Args,
     results: &mut Results,
 ) -> Result<Vec<(Run, Run)>> {
-    let n = if peers[1] == Peer::CanaryNoMetrics {
-        args.metrics_pairs
-    } else {
-        args.pairs
-    };
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         check_interrupted()?;
