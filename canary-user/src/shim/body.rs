@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::upstream::PoolReturn;
+use super::upstream::UpstreamBody;
 use crate::observe::{RequestObserver, RequestRecord};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -248,7 +248,6 @@ pub(crate) struct Finish {
     pub record: RequestRecord,
     pub start: Instant,
     pub observer: Arc<dyn RequestObserver>,
-    pub pool: Option<PoolReturn>,
     pub replay: Option<Arc<Replay>>,
 }
 
@@ -262,9 +261,6 @@ impl Finish {
             // The client went away (or the upstream broke) mid-body.
             self.record.response_flags = "DC".into();
         }
-        if complete && let Some(p) = self.pool.take() {
-            p.put_back();
-        }
         self.observer.on_request(&self.record);
     }
 }
@@ -277,9 +273,9 @@ pub(crate) struct RespBody {
 enum RespKind {
     Full(Option<Bytes>),
     Stream {
-        inner: Incoming,
+        inner: UpstreamBody,
         /// What `prefetch` took from `inner`, handed out first.
-        first: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
+        first: Option<Option<Result<Frame<Bytes>, BoxError>>>,
     },
 }
 
@@ -299,7 +295,7 @@ impl RespBody {
         RespBody::full(Bytes::new())
     }
 
-    pub fn stream(b: Incoming, finish: Finish) -> RespBody {
+    pub fn stream(b: UpstreamBody, finish: Finish) -> RespBody {
         RespBody {
             kind: RespKind::Stream {
                 inner: b,
@@ -337,12 +333,12 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match &mut this.kind {
             RespKind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

@@ -125,16 +125,11 @@ impl Shim {
                     .send(&*shim.connector, key, cluster.limits, &mut Some(req))
                     .await
                 {
-                    Ok((resp, pooled)) => {
+                    Ok(resp) => {
                         let status = resp.status().as_u16();
-                        // Drain, so the connection can be reused.
+                        // Drained, so the connection can be reused.
                         let n = match resp.into_body().collect().await {
-                            Ok(b) => {
-                                if let Some(p) = pooled {
-                                    p.put_back();
-                                }
-                                b.to_bytes().len() as u64
-                            }
+                            Ok(b) => b.to_bytes().len() as u64,
                             Err(_) => 0,
                         };
                         Some((status, Flags::default(), workload, req_bytes, n))

@@ -16,11 +16,13 @@
 //! - `policy`: retries, faults, header edits, rewrites, redirects;
 //! - `proxy`: the request path (faults, retries, timeouts, records);
 //! - `mirror`: fire-and-forget copies;
-//! - `upstream`: the connection pool; `body`: streamed and replayed bodies;
+//! - `upstream`: the connection pool, `h1`: HTTP/1.1 to an upstream;
+//!   `body`: streamed and replayed bodies;
 //! - `preface`: HTTP/1.1 or h2c, from a connection's first bytes.
 
 mod balance;
 mod body;
+mod h1;
 mod matcher;
 mod mirror;
 mod policy;

@@ -437,7 +437,7 @@ impl Shim {
             };
             // (retriable, final status and flags when not retried)
             let (retriable, fail) = match result {
-                Some(Ok((resp, pooled))) => {
+                Some(Ok(resp)) => {
                     let status = resp.status().as_u16();
                     let grpc_status = grpc_status_of(resp.headers());
                     let outcome = if status >= 500 {
@@ -458,8 +458,7 @@ impl Shim {
                         if again && r.attempts > retry.retries {
                             r.flags.set(Flags::URX);
                         }
-                        let resp =
-                            self.respond(&r, &et, route, dest, resp, pooled, new_cookie, replay);
+                        let resp = self.respond(&r, &et, route, dest, resp, new_cookie, replay);
                         return prefetched(resp, deadline).await;
                     }
                     (true, None)
@@ -561,8 +560,7 @@ impl Shim {
         t: &Target<'_>,
         route: &Route,
         dest: &Dest,
-        resp: Response<Incoming>,
-        pooled: Option<super::upstream::PoolReturn>,
+        resp: Response<super::upstream::UpstreamBody>,
         new_cookie: Option<super::balance::NewCookie>,
         replay: Option<Arc<super::body::Replay>>,
     ) -> Response<RespBody> {
@@ -586,7 +584,6 @@ impl Shim {
             record,
             start: r.start,
             observer: self.observer.clone(),
-            pool: pooled,
             replay,
         };
         Response::from_parts(parts, RespBody::stream(body, finish))

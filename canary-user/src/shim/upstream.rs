@@ -1,7 +1,8 @@
 //! Upstream connections: a pool per (client network namespace, endpoint,
-//! protocol). HTTP/1.1 connections carry one request at a time and go
-//! back to the pool when their response body has ended; an h2c
-//! connection is shared by every request to the endpoint.
+//! protocol). HTTP/1.1 connections (`h1`, driven by the request's own
+//! task) carry one request at a time and go back to the pool when their
+//! response body has ended; an h2c connection (hyper's) is shared by every
+//! request to the endpoint.
 //!
 //! The pool is split into shards behind short mutexes (held for a pop or
 //! a push, never across an await).
@@ -14,16 +15,20 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::Connector;
-use super::body::ReqBody;
+use super::body::{BoxError, ReqBody};
+use super::h1::{self, Failure, H1Body, Home};
 
 const SHARDS: usize = 16;
 
@@ -55,8 +60,8 @@ pub(crate) struct Limits {
 }
 
 /// Pooled connections, each with the instant it expires if still idle.
-enum Idle {
-    H1(Vec<(http1::SendRequest<ReqBody>, Instant)>),
+pub(super) enum Idle {
+    H1(Vec<(h1::Conn, Instant)>),
     /// Shared by every request; it expires `idle_timeout` after the last
     /// request started on it (requests in flight hold their own handles).
     H2(http2::SendRequest<ReqBody>, Instant),
@@ -67,26 +72,39 @@ pub(crate) struct Pool {
     max_idle: usize,
 }
 
-/// An HTTP/1.1 connection to put back once its response has ended.
-pub(crate) struct PoolReturn {
-    pool: Arc<Pool>,
-    key: Key,
-    sender: http1::SendRequest<ReqBody>,
-    idle_timeout: Duration,
+/// An upstream response body: read by the request's task (HTTP/1.1) or
+/// by hyper's h2 connection.
+pub(crate) enum UpstreamBody {
+    /// Boxed: it holds the connection, and responses are moved by value.
+    H1(Box<H1Body>),
+    H2(Incoming),
 }
 
-impl PoolReturn {
-    pub fn put_back(self) {
-        if self.sender.is_closed() {
-            return;
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(&mut **b).poll_frame(cx),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
-        let mut shard = self.pool.lock(&self.key);
-        if let Idle::H1(list) = shard
-            .entry(self.key)
-            .or_insert_with(|| Idle::H1(Vec::new()))
-            && list.len() < self.pool.max_idle
-        {
-            list.push((self.sender, Instant::now() + self.idle_timeout));
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
         }
     }
 }
@@ -98,14 +116,15 @@ pub(crate) enum SendError {
     Connect(io::Error),
     /// The request was sent (at least in part), then the stream or the
     /// connection broke. `refused`: the h2 server refused the stream.
-    Reset { refused: bool, error: hyper::Error },
+    Reset { refused: bool, error: BoxError },
 }
 
-/// The response, and the connection to pool once its body has been read.
-/// The request is passed as `&mut Option`: it is taken out only when it
-/// is handed to a connection, and put back when it was not sent (a closed
-/// pooled connection, a failed connect), so a retry needs no copy of it.
-pub(crate) type SendResult = Result<(Response<Incoming>, Option<PoolReturn>), SendError>;
+/// The response; an HTTP/1.1 body puts its connection back in the pool
+/// when it has been read to its end. The request is passed as `&mut
+/// Option`: it is taken out only when it is handed to a connection, and
+/// put back when it was not sent (a closed pooled connection, a failed
+/// connect), so a retry needs no copy of it.
+pub(crate) type SendResult = Result<Response<UpstreamBody>, SendError>;
 
 impl Pool {
     pub fn new(max_idle: usize) -> Arc<Pool> {
@@ -115,26 +134,37 @@ impl Pool {
         })
     }
 
-    fn lock(&self, key: &Key) -> std::sync::MutexGuard<'_, HashMap<Key, Idle>> {
+    pub(super) fn lock(&self, key: &Key) -> std::sync::MutexGuard<'_, HashMap<Key, Idle>> {
         self.shards[key.shard()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently pooled live connection (expired ones on top are
-    /// dropped, which closes them).
-    fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<ReqBody>> {
+    /// The most recently pooled live connection (expired or closed ones
+    /// on top are dropped, which closes them).
+    pub(super) fn take_h1(&self, key: &Key) -> Option<h1::Conn> {
         let mut shard = self.lock(key);
         let Some(Idle::H1(list)) = shard.get_mut(key) else {
             return None;
         };
         let now = Instant::now();
-        while let Some((sender, expires)) = list.pop() {
-            if expires > now {
-                return Some(sender);
+        while let Some((conn, expires)) = list.pop() {
+            if expires > now && conn.is_open() {
+                return Some(conn);
             }
         }
         None
+    }
+
+    /// Keeps `conn`, whose response has ended, for the next request to
+    /// `key` (unless the endpoint already has `max_idle` waiting).
+    pub(crate) fn put_back_h1(&self, key: Key, conn: h1::Conn, idle_timeout: Duration) {
+        let mut shard = self.lock(&key);
+        if let Idle::H1(list) = shard.entry(key).or_insert_with(|| Idle::H1(Vec::new()))
+            && list.len() < self.max_idle
+        {
+            list.push((conn, Instant::now() + idle_timeout));
+        }
     }
 
     fn get_h2(&self, key: &Key, idle_timeout: Duration) -> Option<http2::SendRequest<ReqBody>> {
@@ -169,7 +199,7 @@ impl Pool {
             shard.retain(|key, idle| match idle {
                 Idle::H1(list) => {
                     let before = list.len();
-                    list.retain(|(s, expires)| keep(key, *expires, s.is_closed()));
+                    list.retain(|(c, expires)| keep(key, *expires, !c.is_open()));
                     dropped += before - list.len();
                     !list.is_empty()
                 }
@@ -203,39 +233,29 @@ impl Pool {
         if key.h2 {
             return Box::pin(self.send_h2(connector, key, limits, req)).await;
         }
-        while let Some(mut sender) = self.take_h1(&key) {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(take(req)?).await {
-                Ok(resp) => return Ok((resp, Some(self.pooled(key, sender, limits)))),
-                Err(mut e) => match e.take_message() {
-                    // Not sent: the idle connection was closed; next one.
-                    Some(r) => *req = Some(r),
-                    None => return Err(reset(e.into_error())),
-                },
+        while let Some(conn) = self.take_h1(&key) {
+            match conn.send(req, self.home(key, limits)).await {
+                Ok(resp) => return Ok(resp.map(|b| UpstreamBody::H1(Box::new(b)))),
+                // Not sent: the idle connection was closed; next one.
+                Err(Failure::NotSent(_)) => continue,
+                Err(Failure::Broken(e)) => return Err(broken(e)),
             }
         }
-        let mut sender = Box::pin(open_h1(connector, key, limits.connect_timeout)).await?;
-        match sender.try_send_request(take(req)?).await {
-            Ok(resp) => Ok((resp, Some(self.pooled(key, sender, limits)))),
-            Err(mut e) => {
-                *req = e.take_message();
-                Err(reset(e.into_error()))
-            }
+        let stream = Box::pin(connect(connector, key, limits.connect_timeout)).await?;
+        match h1::Conn::new(stream)
+            .send(req, self.home(key, limits))
+            .await
+        {
+            Ok(resp) => Ok(resp.map(|b| UpstreamBody::H1(Box::new(b)))),
+            Err(Failure::NotSent(e)) => Err(broken(e.into())),
+            Err(Failure::Broken(e)) => Err(broken(e)),
         }
     }
 
-    fn pooled(
-        self: &Arc<Self>,
-        key: Key,
-        sender: http1::SendRequest<ReqBody>,
-        limits: Limits,
-    ) -> PoolReturn {
-        PoolReturn {
+    fn home(self: &Arc<Self>, key: Key, limits: Limits) -> Home {
+        Home {
             pool: self.clone(),
             key,
-            sender,
             idle_timeout: limits.idle_timeout,
         }
     }
@@ -251,7 +271,7 @@ impl Pool {
             && sender.ready().await.is_ok()
         {
             match sender.try_send_request(take(req)?).await {
-                Ok(resp) => return Ok((resp, None)),
+                Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => *req = Some(r),
                     None => return Err(reset(e.into_error())),
@@ -276,7 +296,7 @@ impl Pool {
             return Err(SendError::Connect(io::Error::other(e)));
         }
         match sender.try_send_request(take(req)?).await {
-            Ok(resp) => Ok((resp, None)),
+            Ok(resp) => Ok(resp.map(UpstreamBody::H2)),
             Err(mut e) => {
                 *req = e.take_message();
                 Err(reset(e.into_error()))
@@ -291,27 +311,6 @@ impl Pool {
 fn take(req: &mut Option<Request<ReqBody>>) -> Result<Request<ReqBody>, SendError> {
     req.take()
         .ok_or_else(|| SendError::Connect(io::Error::other("no request to send")))
-}
-
-/// A new HTTP/1.1 connection, ready for a request; its connection task
-/// runs on its own.
-async fn open_h1(
-    connector: &dyn Connector,
-    key: Key,
-    connect_timeout: Duration,
-) -> Result<http1::SendRequest<ReqBody>, SendError> {
-    let stream = connect(connector, key, connect_timeout).await?;
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| SendError::Connect(io::Error::other(e)))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender
-        .ready()
-        .await
-        .map_err(|e| SendError::Connect(io::Error::other(e)))?;
-    Ok(sender)
 }
 
 async fn connect(
@@ -332,5 +331,16 @@ async fn connect(
 fn reset(error: hyper::Error) -> SendError {
     // hyper does not expose the h2 reason; its text names it.
     let refused = format!("{error:?}").contains("REFUSED_STREAM");
-    SendError::Reset { refused, error }
+    SendError::Reset {
+        refused,
+        error: error.into(),
+    }
+}
+
+/// An HTTP/1.1 exchange that broke after (or while) the request went out.
+fn broken(error: BoxError) -> SendError {
+    SendError::Reset {
+        refused: false,
+        error,
+    }
 }

@@ -1,0 +1,648 @@
+//! HTTP/1.1 to an upstream, driven by the request's own task.
+//!
+//! hyper's client runs every connection as a task of its own and hands
+//! each request to it through a channel, and the response back through
+//! another: two task hand-offs and a wake-up per request, on a path whose
+//! every other step is one system call. Here the request's future writes
+//! the head (and the body) and reads the response head itself, and the
+//! response body owns the connection while it streams, putting it back
+//! in the pool when the body has ended cleanly.
+//!
+//! What it speaks (RFC 9112): a request with `Content-Length`, chunked
+//! (when the length is unknown) or no body; responses framed by
+//! `Content-Length`, chunked (trailers kept) or the connection's end, and
+//! none for HEAD, 1xx, 204 and 304; interim 1xx responses are skipped. A
+//! connection is reused only after a complete HTTP/1.1 response without
+//! `Connection: close`, with no bytes left over, and with the whole
+//! request sent.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::body::{BoxError, ReqBody};
+use super::upstream::{Key, Pool};
+
+/// A response head (status line and headers) may take this much at most,
+/// as hyper's client allows by default (~400 KB is its buffer; this is
+/// Envoy's `max_request_headers_kb` default, 60 KiB, rounded up).
+const MAX_HEAD: usize = 64 * 1024;
+/// Header fields per response head or trailer block (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// What one read asks the kernel for.
+const READ_SIZE: usize = 8 * 1024;
+/// A chunk size line (hex digits and extensions) longer than this is
+/// refused.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Body bytes at least this many go out as a slice of the read buffer
+/// (no copy; the next read allocates a new buffer); fewer are copied, so
+/// the buffer stays whole and is reused.
+const SPLIT_MIN: usize = 4 * 1024;
+
+/// One upstream HTTP/1.1 connection, idle in the pool or in use by one
+/// request.
+pub(crate) struct Conn {
+    io: TcpStream,
+    /// Bytes read and not consumed yet (empty while pooled).
+    buf: BytesMut,
+}
+
+/// Why an exchange failed.
+pub(crate) enum Failure {
+    /// Nothing of the request went out (say, the pooled connection was
+    /// closed); the request is still the caller's.
+    NotSent(io::Error),
+    /// The request went out, at least in part; the response did not come.
+    Broken(BoxError),
+}
+
+/// Where a connection goes back when its response has ended.
+pub(crate) struct Home {
+    pub pool: Arc<Pool>,
+    pub key: Key,
+    pub idle_timeout: Duration,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether the connection still looks usable: no end of stream and no
+    /// stray bytes from the server since its last response. Costs no
+    /// system call unless the socket became readable meanwhile.
+    pub fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: an end of stream, or bytes nobody asked for (a
+            // reused connection must have none); or readiness left over
+            // from the last read, cleared by this one.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends the request in `req` and reads the response head. `req` is
+    /// taken once the first bytes of its head are out; on `NotSent` it is
+    /// still there. The body of the returned response owns the connection
+    /// and sends it `home` when it has ended cleanly.
+    pub async fn send(
+        mut self,
+        req: &mut Option<Request<ReqBody>>,
+        home: Home,
+    ) -> Result<Response<H1Body>, Failure> {
+        let Some(r) = req.as_ref() else {
+            return Err(Failure::Broken("no request to send".into()));
+        };
+        let head_only = r.method() == Method::HEAD;
+        let (mut head, framing) = encode_head(r);
+        let body_empty = r.body().is_end_stream();
+        // The first write tells a connection the server has closed (it
+        // fails at once) from one that takes the request.
+        let written = match self.io.write(&head).await {
+            Ok(0) => return Err(Failure::NotSent(io::ErrorKind::WriteZero.into())),
+            Err(e) => return Err(Failure::NotSent(e)),
+            Ok(n) => n,
+        };
+        let Some(mut request) = req.take() else {
+            return Err(Failure::Broken("no request to send".into()));
+        };
+        head.drain(..written);
+        if !head.is_empty()
+            && let Err(e) = self.io.write_all(&head).await
+        {
+            return Err(Failure::Broken(e.into()));
+        }
+        let (resp_head, whole_request_sent) = if body_empty {
+            (read_head(&mut self.io, &mut self.buf).await, true)
+        } else {
+            // Send the body while watching for an early response (a
+            // server may answer, say 413, before reading it all).
+            let first = {
+                let (mut rd, mut wr) = self.io.split();
+                let body = request.body_mut();
+                tokio::select! {
+                    sent = write_body(&mut wr, body, framing) => First::Sent(sent),
+                    early = read_head(&mut rd, &mut self.buf) => First::Early(early),
+                }
+            };
+            match first {
+                First::Sent(Err(e)) => return Err(Failure::Broken(e)),
+                First::Sent(Ok(())) => (read_head(&mut self.io, &mut self.buf).await, true),
+                First::Early(head) => (head, false),
+            }
+        };
+        drop(request);
+        let head = resp_head.map_err(Failure::Broken)?;
+        let framing = response_framing(&head, head_only)?;
+        let reusable = whole_request_sent && head.keep_alive;
+        let mut resp = Response::new(H1Body {
+            conn: Some(self),
+            framing,
+            reusable,
+            home: Some(home),
+        });
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = Version::HTTP_11;
+        *resp.headers_mut() = head.headers;
+        resp.body_mut().release_if_done();
+        Ok(resp)
+    }
+}
+
+/// Which finished first while a request body was being sent.
+enum First {
+    Sent(Result<(), BoxError>),
+    Early(Result<Head, BoxError>),
+}
+
+/// How a request body goes on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReqFraming {
+    /// As is: `Content-Length` (the client's, or its exact size) or none.
+    Raw,
+    Chunked,
+}
+
+/// The request head in wire form, and how its body follows it.
+fn encode_head(req: &Request<ReqBody>) -> (Vec<u8>, ReqFraming) {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let h = req.headers();
+    let mut out = Vec::with_capacity(
+        req.method().as_str().len()
+            + pq.len()
+            + 12
+            + h.iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+            + 40,
+    );
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(pq.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    put_fields(&mut out, h);
+    let body = req.body();
+    let framing = if h.contains_key(header::CONTENT_LENGTH) {
+        ReqFraming::Raw
+    } else if body.is_end_stream() {
+        // A request that usually carries a body says it has none.
+        if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        ReqFraming::Raw
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        ReqFraming::Raw
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        ReqFraming::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    (out, framing)
+}
+
+async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    body: &mut ReqBody,
+    framing: ReqFraming,
+) -> Result<(), BoxError> {
+    let mut body = Pin::new(body);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame?;
+        if let Some(data) = frame.data_ref() {
+            if data.is_empty() {
+                continue;
+            }
+            if framing == ReqFraming::Chunked {
+                wr.write_all(format!("{:x}\r\n", data.len()).as_bytes())
+                    .await?;
+                wr.write_all(data).await?;
+                wr.write_all(b"\r\n").await?;
+            } else {
+                wr.write_all(data).await?;
+            }
+        } else if let Some(trailers) = frame.trailers_ref()
+            && framing == ReqFraming::Chunked
+        {
+            let mut end = b"0\r\n".to_vec();
+            put_fields(&mut end, trailers);
+            end.extend_from_slice(b"\r\n");
+            wr.write_all(&end).await?;
+            return wr.flush().await.map_err(Into::into);
+        }
+    }
+    if framing == ReqFraming::Chunked {
+        wr.write_all(b"0\r\n\r\n").await?;
+    }
+    wr.flush().await.map_err(Into::into)
+}
+
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// HTTP/1.1 without `Connection: close` (HTTP/1.0 is never reused).
+    keep_alive: bool,
+}
+
+/// Reads until a final (non-1xx) response head is complete, consuming it
+/// (and any interim 1xx heads) from `buf`.
+async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Result<Head, BoxError> {
+    loop {
+        if !buf.is_empty() {
+            match parse_head(buf)? {
+                Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                    continue;
+                }
+                Some(head) => return Ok(head),
+                None if buf.len() >= MAX_HEAD => {
+                    return Err(format!("response head over {MAX_HEAD} bytes").into());
+                }
+                None => {}
+            }
+        }
+        if read_more(rd, buf).await? == 0 {
+            return Err(if buf.is_empty() {
+                "connection closed before the response".into()
+            } else {
+                "connection closed within the response head".into()
+            });
+        }
+    }
+}
+
+/// One read from the upstream into `buf`.
+async fn read_more<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    buf.reserve(READ_SIZE);
+    std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *rd), cx, buf)).await
+}
+
+fn poll_read_buf<R: AsyncRead>(
+    rd: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let n = {
+        let spare = buf.spare_capacity_mut();
+        let mut rb = ReadBuf::uninit(spare);
+        ready!(rd.poll_read(cx, &mut rb))?;
+        rb.filled().len()
+    };
+    // SAFETY: `poll_read` initialised the first `n` spare bytes.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
+}
+
+/// Parses a complete head at the start of `buf` and consumes it; `None`
+/// if more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("bad response head: {e}").into()),
+    };
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0))
+        .map_err(|_| format!("bad response status {:?}", resp.code))?;
+    let http11 = resp.version == Some(1);
+    let headers = header_map(resp.headers, "response header")?;
+    buf.advance(len);
+    let keep_alive = http11 && !has_token(&headers, header::CONNECTION, "close");
+    Ok(Some(Head {
+        status,
+        headers,
+        keep_alive,
+    }))
+}
+
+/// Parsed header fields as a map (`what` names them in errors).
+fn header_map(fields: &[httparse::Header<'_>], what: &str) -> Result<HeaderMap, BoxError> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| format!("bad {what} name {:?}", f.name))?;
+        let value =
+            HeaderValue::from_bytes(f.value).map_err(|_| format!("bad value in {what} {name}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Appends `name: value\r\n` for every field.
+fn put_fields(out: &mut Vec<u8>, h: &HeaderMap) {
+    for (k, v) in h {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection ends.
+    Eof,
+    Done,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk size line.
+    Size,
+    /// This many data bytes left in the chunk.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+}
+
+fn response_framing(head: &Head, head_only: bool) -> Result<Framing, Failure> {
+    let s = head.status.as_u16();
+    if head_only || s == 204 || s == 304 || head.status.is_informational() {
+        return Ok(Framing::Done);
+    }
+    let h = &head.headers;
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        // Chunked must be the last coding; otherwise the body runs to the
+        // connection's end.
+        let last = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Eof,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let n: u64 = part.trim().parse().map_err(|_| {
+                Failure::Broken(format!("bad response content-length {v:?}").into())
+            })?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Failure::Broken(
+                    "response content-length values differ".into(),
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Eof,
+    })
+}
+
+/// A response body read from its connection, which it owns until the
+/// body has ended.
+pub(crate) struct H1Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    /// Whether the connection may carry another request once this body
+    /// has ended.
+    reusable: bool,
+    home: Option<Home>,
+}
+
+impl H1Body {
+    /// Once the body has ended: the connection goes back to its pool if
+    /// it can be reused, and is closed otherwise.
+    fn release_if_done(&mut self) {
+        if self.framing != Framing::Done {
+            return;
+        }
+        let conn = self.conn.take();
+        if let (Some(conn), Some(home)) = (conn, self.home.take())
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            home.pool.put_back_h1(home.key, conn, home.idle_timeout);
+        }
+    }
+
+    fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.buf;
+            // What the buffer already holds, first.
+            match &mut self.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(left) if !buf.is_empty() => {
+                    let data = take_data(buf, *left);
+                    *left -= data.len() as u64;
+                    if *left == 0 {
+                        self.framing = Framing::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Eof if !buf.is_empty() => {
+                    let data = take_data(buf, u64::MAX);
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(state) if !buf.is_empty() => match chunk_step(state, buf) {
+                    Ok(Step::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Step::Trailers(t)) => {
+                        self.framing = Framing::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Step::End) => {
+                        self.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::Progress) => continue,
+                    Ok(Step::NeedMore) => {}
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
+                _ => {}
+            }
+            buf.reserve(READ_SIZE);
+            let n = match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, buf)) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            };
+            if n == 0 {
+                return match self.framing {
+                    Framing::Eof => {
+                        self.reusable = false;
+                        self.framing = Framing::Done;
+                        Poll::Ready(None)
+                    }
+                    _ => Poll::Ready(Some(Err("upstream closed the connection within the \
+                                               response body"
+                        .into()))),
+                };
+            }
+        }
+    }
+}
+
+/// Up to `max` bytes from the front of `buf`, sliced off when large
+/// (no copy) and copied when small (the buffer stays whole for reuse).
+fn take_data(buf: &mut BytesMut, max: u64) -> Bytes {
+    let n = buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+    if n >= SPLIT_MIN {
+        buf.split_to(n).freeze()
+    } else {
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        data
+    }
+}
+
+enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The last chunk and an empty trailer section.
+    End,
+    /// A state change; go on with what is buffered.
+    Progress,
+    NeedMore,
+}
+
+/// One step of the chunked decoder over what `buf` holds.
+fn chunk_step(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BoxError> {
+    match state {
+        Chunk::Size => {
+            let Some(eol) = find_crlf(buf) else {
+                return if buf.len() > MAX_CHUNK_LINE {
+                    Err("chunk size line too long".into())
+                } else {
+                    Ok(Step::NeedMore)
+                };
+            };
+            let line = &buf[..eol];
+            // Extensions (`;name=value`) are ignored, as RFC 9112 allows.
+            let digits = line.split(|b| *b == b';').next().unwrap_or_default();
+            let digits = std::str::from_utf8(digits)
+                .map_err(|_| "bad chunk size")?
+                .trim_matches([' ', '\t']);
+            if digits.is_empty() || digits.len() > 15 {
+                return Err(format!("bad chunk size {digits:?}").into());
+            }
+            let size = u64::from_str_radix(digits, 16)
+                .map_err(|_| format!("bad chunk size {digits:?}"))?;
+            buf.advance(eol + 2);
+            *state = if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            };
+            Ok(Step::Progress)
+        }
+        Chunk::Data(left) => {
+            let data = take_data(buf, *left);
+            *left -= data.len() as u64;
+            if *left == 0 {
+                *state = Chunk::DataEnd;
+            }
+            Ok(Step::Data(data))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("missing CRLF after chunk data".into());
+            }
+            buf.advance(2);
+            *state = Chunk::Size;
+            Ok(Step::Progress)
+        }
+        Chunk::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::End);
+            }
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let trailers = header_map(fields, "trailer")?;
+                    buf.advance(len);
+                    Ok(Step::Trailers(trailers))
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Ok(Step::NeedMore),
+                Ok(httparse::Status::Partial) => Err("trailers too long".into()),
+                Err(e) => Err(format!("bad trailers: {e}").into()),
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(this.next_frame(cx));
+        match &frame {
+            Some(Ok(_)) | None => this.release_if_done(),
+            // A broken body: the connection goes with it.
+            Some(Err(_)) => {
+                this.conn = None;
+                this.framing = Framing::Done;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
