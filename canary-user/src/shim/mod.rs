@@ -286,21 +286,26 @@ impl Shim {
                 return;
             }
         };
-        let io = TokioIo::new(stream);
         let idle = self.idle_ticks();
         let ended = match protocol {
-            preface::Protocol::Http1 => {
-                let conn = std::pin::pin!(self.http1.serve_connection(io, service));
-                close_when_idle(conn, |c| c.graceful_shutdown(), &ctx, idle).await
-            }
+            // Requests without a body are served by `h1::serve`; the first
+            // one that needs more hands the connection to hyper.
+            preface::Protocol::Http1 => match h1::serve(&self, &ctx, stream, idle.clone()).await {
+                h1::Served::Closed => Ok(()),
+                h1::Served::HandOver(rest) => {
+                    let io = TokioIo::new(rest);
+                    let mut conn = Box::pin(self.http1.serve_connection(io, service));
+                    close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
+                }
+            },
             // Boxed: the task of every open connection is as big as this
             // future's largest state, and HTTP/1.1's is half of theirs.
             preface::Protocol::Http2 => {
-                let mut conn = Box::pin(self.http2.serve_connection(io, service));
+                let mut conn = Box::pin(self.http2.serve_connection(TokioIo::new(stream), service));
                 close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
             }
             preface::Protocol::Undecided => {
-                let mut conn = Box::pin(self.auto.serve_connection(io, service));
+                let mut conn = Box::pin(self.auto.serve_connection(TokioIo::new(stream), service));
                 close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
             }
         };
@@ -330,7 +335,10 @@ impl Shim {
             ctx.requests.fetch_add(1, Ordering::Relaxed);
             let shim = shim.clone();
             let ctx = ctx.clone();
-            Box::pin(async move { Ok(shim.handle(req, &ctx).await) }) as RequestFuture
+            Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                Ok(shim.handle(parts, Some(body), &ctx).await)
+            }) as RequestFuture
         })
     }
 
@@ -387,6 +395,31 @@ impl Shim {
 /// to 1.25 idle timeouts without a request.
 const QUIET_CHECKS: u32 = 4;
 
+/// A connection's idle check, fed the shared ticks.
+struct IdleCheck {
+    /// The connection's request count at the last tick.
+    seen: u64,
+    /// Ticks in a row without a new request.
+    quiet: u32,
+}
+
+impl IdleCheck {
+    fn new(ctx: &ConnCtx) -> IdleCheck {
+        IdleCheck {
+            seen: ctx.requests.load(Ordering::Relaxed),
+            quiet: 0,
+        }
+    }
+
+    /// On a tick: whether no request has come for an idle timeout.
+    fn idle(&mut self, ctx: &ConnCtx) -> bool {
+        let now = ctx.requests.load(Ordering::Relaxed);
+        self.quiet = if now == self.seen { self.quiet + 1 } else { 0 };
+        self.seen = now;
+        self.quiet >= QUIET_CHECKS
+    }
+}
+
 /// Serves `conn` to its end, closing it (gracefully) once no request has
 /// come for an idle timeout, as Envoy's downstream idle timeout does.
 /// `ticks` changes every quarter of the timeout: one timer for all
@@ -404,7 +437,7 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     ticks.mark_unchanged();
-    let (mut seen, mut quiet, mut closing) = (ctx.requests.load(Ordering::Relaxed), 0, false);
+    let (mut check, mut closing) = (IdleCheck::new(ctx), false);
     loop {
         tokio::select! {
             biased;
@@ -415,10 +448,7 @@ where
                     closing = true;
                     continue;
                 }
-                let now = ctx.requests.load(Ordering::Relaxed);
-                quiet = if now == seen { quiet + 1 } else { 0 };
-                seen = now;
-                if quiet >= QUIET_CHECKS {
+                if check.idle(ctx) {
                     finish(conn.as_mut());
                     closing = true;
                 }

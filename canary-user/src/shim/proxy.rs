@@ -172,15 +172,16 @@ struct Req<'a> {
 }
 
 impl Shim {
+    /// Answers one request; `body` is `None` for a request without one.
     pub(crate) async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        parts: Parts,
+        body: Option<Incoming>,
         conn: &ConnCtx,
     ) -> Response<RespBody> {
         let start = Instant::now();
         // One atomic load; this request keeps these routes to its end.
         let table = self.table.load_full();
-        let (parts, body) = req.into_parts();
         let grpc = is_grpc(&parts.headers);
         let mut r = Req {
             conn,
@@ -251,7 +252,7 @@ impl Shim {
         route: &Route,
         f: &Forward,
         mut parts: Parts,
-        body: Incoming,
+        body: Option<Incoming>,
         mut authority: String,
     ) -> Response<RespBody> {
         let conn = r.conn;
@@ -358,7 +359,8 @@ impl Shim {
             .iter()
             .filter(|m| m.fraction.sample())
             .collect();
-        let body_empty = body.is_end_stream();
+        let body = body.filter(|b| !b.is_end_stream());
+        let body_empty = body.is_none();
         let keep_head = retry.may_retry_after_send(r.grpc, h2);
         let replay = (keep_head || !mirrors.is_empty()).then(|| {
             if body_empty {
@@ -367,10 +369,10 @@ impl Shim {
                 super::body::Replay::new(self.options.max_retry_body_bytes)
             }
         });
-        let first_body = match (&replay, body_empty) {
-            (_, true) => ReqBody::Empty,
-            (Some(rp), false) => ReqBody::Tee(TeeBody::new(body, rp.clone())),
-            (None, false) => ReqBody::Stream(body),
+        let first_body = match (&replay, body) {
+            (_, None) => ReqBody::Empty,
+            (Some(rp), Some(body)) => ReqBody::Tee(TeeBody::new(body, rp.clone())),
+            (None, Some(body)) => ReqBody::Stream(body),
         };
         for m in mirrors {
             self.spawn_mirror(m, &parts, &authority, replay.clone(), conn, hash, timeout);

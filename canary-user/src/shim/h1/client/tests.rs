@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::shim::upstream::Limits;
+use http::HeaderValue;
 
 /// A server that answers each request it reads (head, and a body of
 /// `content-length` or chunked) with the next of `replies`, on one
@@ -312,7 +313,7 @@ async fn a_pooled_connection_the_server_closed_is_not_taken() {
         // The reactor learns of the end of stream on its next turn.
         tokio::time::sleep(Duration::from_millis(10)).await;
         let mut shard = pool.lock(&key);
-        let Some(super::super::upstream::Idle::H1(list)) = shard.get_mut(&key) else {
+        let Some(crate::shim::upstream::Idle::H1(list)) = shard.get_mut(&key) else {
             panic!("the connection was pooled");
         };
         if !list[0].0.is_open() {
@@ -348,41 +349,4 @@ async fn a_malformed_response_fails_the_exchange() {
         assert!(result.is_err(), "{}", String::from_utf8_lossy(reply));
         assert!(pool.take_h1(&key).is_none());
     }
-}
-
-#[test]
-fn the_chunked_decoder_takes_its_input_a_byte_at_a_time() {
-    let wire = b"4\r\nWiki\r\n6;name=v\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nx-t: 1\r\n\r\n";
-    let mut state = Chunk::Size;
-    let mut buf = BytesMut::new();
-    let mut data = Vec::new();
-    let mut trailers = None;
-    let mut ended = false;
-    for b in wire {
-        buf.extend_from_slice(&[*b]);
-        loop {
-            match chunk_step(&mut state, &mut buf).expect("valid") {
-                Step::Data(d) => data.extend_from_slice(&d),
-                Step::Trailers(t) => {
-                    trailers = Some(t);
-                    ended = true;
-                }
-                Step::End => ended = true,
-                Step::Progress => continue,
-                Step::NeedMore => {}
-            }
-            if buf.is_empty() || ended {
-                break;
-            }
-            if matches!(state, Chunk::Size | Chunk::DataEnd | Chunk::Trailers) {
-                break;
-            }
-        }
-    }
-    assert!(ended);
-    assert_eq!(
-        String::from_utf8_lossy(&data),
-        "Wikipedia in \r\n\r\nchunks."
-    );
-    assert_eq!(trailers.expect("trailers")["x-t"], "1");
 }

@@ -1521,7 +1521,10 @@ fn idle_connections_hold_a_small_service_future() {
     });
     let unboxed = size(|req| {
         let (shim, ctx) = (shim.clone(), ctx.clone());
-        async move { shim.handle(req, &ctx).await }
+        async move {
+            let (parts, body) = req.into_parts();
+            shim.handle(parts, Some(body), &ctx).await
+        }
     });
     let service = shim.service(ctx.clone());
     let boxed = size(|req| hyper::service::Service::call(&service, req));
@@ -1679,3 +1682,5 @@ async fn idle_client_connections_close_after_the_idle_timeout_only() {
         "an idle h2c connection outlived the idle timeout"
     );
 }
+
+mod h1_server;
