@@ -140,7 +140,10 @@ impl Conn {
         drop(request);
         let head = resp_head.map_err(Failure::Broken)?;
         let framing = response_framing(&head, head_only)?;
-        let reusable = whole_request_sent && head.keep_alive;
+        // After a 101 the connection speaks another protocol (the shim
+        // strips `Upgrade`, so none should come).
+        let reusable =
+            whole_request_sent && head.keep_alive && head.status != StatusCode::SWITCHING_PROTOCOLS;
         let mut resp = Response::new(H1Body {
             conn: Some(self),
             framing,

@@ -67,12 +67,13 @@ pub(crate) async fn serve(
                     .await;
             }
             Ok(None) => {
-                // Wait for more of the head; with nothing of a request
-                // yet, also for the idle check's ticks.
+                // Wait for (more of) a head, and for the idle check's
+                // ticks: the idle timeout is also the most time a client
+                // may take to send a head.
                 let read = tokio::select! {
                     biased;
                     n = read_more(&mut io, &mut buf) => n,
-                    changed = ticks.changed(), if watching && buf.is_empty() => {
+                    changed = ticks.changed(), if watching => {
                         if changed.is_err() {
                             // The shim is going away; serve to the end.
                             watching = false;

@@ -275,3 +275,25 @@ async fn a_response_of_unknown_length_goes_back_chunked_with_its_trailers() {
         assert!(r.head.contains("x-checksum: 42"), "{}", r.head);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_never_completes_is_closed_at_the_idle_timeout() {
+    let net = 45;
+    let _pods = pods(net, None, None).await;
+    let cfg = load(&localize(&examples("composite-routing"), net));
+    let options = ShimOptions {
+        client_idle_timeout: Duration::from_millis(1000),
+        ..ShimOptions::default()
+    };
+    let w = World::new(cfg, options, None).await;
+    let mut c = Wire::open(&w).await;
+    // A head that arrives in parts, well within the timeout, is served.
+    c.send(b"GET /parts HTTP/1.1\r\nhost: ").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(format!("{AUTHORITY}\r\n\r\n").as_bytes()).await;
+    assert_eq!(c.response(false).await.status(), 200);
+    // One that never completes is closed, unanswered.
+    c.send(b"GET /slow HTTP/1.1\r\nhost: ").await;
+    assert!(c.closed().await, "the shim answered a head it never got");
+    assert_eq!(w.recorder.records().len(), 1);
+}
