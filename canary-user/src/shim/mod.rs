@@ -286,15 +286,15 @@ impl Shim {
                 return;
             }
         };
-        let idle = self.idle_ticks();
         let ended = match protocol {
             // Requests without a body are served by `h1::serve`; the first
             // one that needs more hands the connection to hyper.
-            preface::Protocol::Http1 => match h1::serve(&self, &ctx, stream, idle.clone()).await {
+            preface::Protocol::Http1 => match h1::serve(&self, &ctx, stream).await {
                 h1::Served::Closed => Ok(()),
                 h1::Served::HandOver(rest) => {
                     let io = TokioIo::new(rest);
                     let mut conn = Box::pin(self.http1.serve_connection(io, service));
+                    let idle = self.idle_ticks();
                     close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
                 }
             },
@@ -302,10 +302,12 @@ impl Shim {
             // future's largest state, and HTTP/1.1's is half of theirs.
             preface::Protocol::Http2 => {
                 let mut conn = Box::pin(self.http2.serve_connection(TokioIo::new(stream), service));
+                let idle = self.idle_ticks();
                 close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
             }
             preface::Protocol::Undecided => {
                 let mut conn = Box::pin(self.auto.serve_connection(TokioIo::new(stream), service));
+                let idle = self.idle_ticks();
                 close_when_idle(conn.as_mut(), |c| c.graceful_shutdown(), &ctx, idle).await
             }
         };
@@ -361,8 +363,7 @@ impl Shim {
         self.idle_ticks
             .get_or_init(|| {
                 let (tx, rx) = watch::channel(0u64);
-                let period =
-                    (self.options.client_idle_timeout / QUIET_CHECKS).max(Duration::from_millis(1));
+                let period = self.idle_tick_period();
                 tokio::spawn(async move {
                     let mut every =
                         tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -378,6 +379,11 @@ impl Shim {
                 rx
             })
             .clone()
+    }
+
+    /// How often a client connection's idle check runs.
+    fn idle_tick_period(&self) -> Duration {
+        (self.options.client_idle_timeout / QUIET_CHECKS).max(Duration::from_millis(1))
     }
 
     /// Requests received since the shim started.

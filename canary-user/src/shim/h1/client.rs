@@ -109,7 +109,7 @@ impl Conn {
             Err(e) => return Err(Failure::NotSent(e)),
             Ok(n) => n,
         };
-        let Some(mut request) = req.take() else {
+        let Some(request) = req.take() else {
             return Err(Failure::Broken("no request to send".into()));
         };
         head.drain(..written);
@@ -119,25 +119,18 @@ impl Conn {
             return Err(Failure::Broken(e.into()));
         }
         let (resp_head, whole_request_sent) = if body_empty {
+            drop(request);
             (read_head(&mut self.io, &mut self.buf).await, true)
         } else {
-            // Send the body while watching for an early response (a
-            // server may answer, say 413, before reading it all).
-            let first = {
-                let (mut rd, mut wr) = self.io.split();
-                let body = request.body_mut();
-                tokio::select! {
-                    sent = write_body(&mut wr, body, framing) => First::Sent(sent),
-                    early = read_head(&mut rd, &mut self.buf) => First::Early(early),
-                }
-            };
-            match first {
+            // Boxed: only requests with a body need this, and every
+            // request's future would otherwise carry its size.
+            let body = request.into_body();
+            match Box::pin(send_body(&mut self, body, framing)).await {
                 First::Sent(Err(e)) => return Err(Failure::Broken(e)),
                 First::Sent(Ok(())) => (read_head(&mut self.io, &mut self.buf).await, true),
                 First::Early(head) => (head, false),
             }
         };
-        drop(request);
         let head = resp_head.map_err(Failure::Broken)?;
         let framing = response_framing(&head, head_only)?;
         // After a 101 the connection speaks another protocol (the shim
@@ -155,6 +148,16 @@ impl Conn {
         *resp.headers_mut() = head.headers;
         resp.body_mut().release_if_done();
         Ok(resp)
+    }
+}
+
+/// Sends the request body while watching for an early response (a server
+/// may answer, say 413, before reading it all).
+async fn send_body(conn: &mut Conn, mut body: ReqBody, framing: ReqFraming) -> First {
+    let (mut rd, mut wr) = conn.io.split();
+    tokio::select! {
+        sent = write_body(&mut wr, &mut body, framing) => First::Sent(sent),
+        early = read_head(&mut rd, &mut conn.buf) => First::Early(early),
     }
 }
 

@@ -28,7 +28,6 @@ use http::{Method, Request, StatusCode, Uri};
 use hyper::body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use super::wire::{MAX_HEAD, MAX_HEADERS, has_token, header_map, put_fields, read_more};
 use crate::shim::body::{BoxError, RespBody};
@@ -48,17 +47,17 @@ pub(crate) enum Served {
 }
 
 /// Serves HTTP/1.1 requests on `io` until the connection ends, it has been
-/// idle for the shim's client idle timeout (`ticks` change every quarter
-/// of it), or a request needs hyper.
-pub(crate) async fn serve(
-    shim: &Arc<Shim>,
-    ctx: &ConnCtx,
-    mut io: TcpStream,
-    mut ticks: watch::Receiver<u64>,
-) -> Served {
-    ticks.mark_unchanged();
+/// idle for the shim's client idle timeout (checked every quarter of it),
+/// or a request needs hyper.
+pub(crate) async fn serve(shim: &Arc<Shim>, ctx: &ConnCtx, mut io: TcpStream) -> Served {
     let mut buf = BytesMut::new();
-    let (mut check, mut watching) = (IdleCheck::new(ctx), true);
+    let mut check = IdleCheck::new(ctx);
+    // The connection's own idle tick, re-armed only when it fires: polling
+    // an armed timer costs no lock, where waiting on the shim's shared
+    // ticks took the channel's waiter list's lock twice per read.
+    let period = shim.idle_tick_period();
+    let tick = tokio::time::sleep(period);
+    tokio::pin!(tick);
     loop {
         let head = match parse_request(&buf) {
             Ok(Some(head)) => head,
@@ -73,15 +72,11 @@ pub(crate) async fn serve(
                 let read = tokio::select! {
                     biased;
                     n = read_more(&mut io, &mut buf) => n,
-                    changed = ticks.changed(), if watching => {
-                        if changed.is_err() {
-                            // The shim is going away; serve to the end.
-                            watching = false;
-                            continue;
-                        }
+                    () = &mut tick => {
                         if check.idle(ctx) {
                             return Served::Closed;
                         }
+                        tick.as_mut().reset(tokio::time::Instant::now() + period);
                         continue;
                     }
                 };
