@@ -250,7 +250,7 @@ async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// A parsed response head.
-struct Head {
+pub(super) struct Head {
     status: StatusCode,
     headers: HeaderMap,
     /// HTTP/1.1 without `Connection: close` (HTTP/1.0 is never reused).
@@ -285,7 +285,7 @@ async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Resu
 
 /// Parses a complete head at the start of `buf` and consumes it; `None`
 /// if more bytes are needed.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
+pub(super) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {

@@ -9,3 +9,6 @@ mod wire;
 
 pub(crate) use client::{Conn, Failure, H1Body, Home};
 pub(crate) use server::{Served, serve};
+
+#[cfg(test)]
+mod fuzz;

@@ -126,9 +126,9 @@ async fn answer(shim: &Arc<Shim>, ctx: &ConnCtx, io: &mut TcpStream, head: Head)
 }
 
 /// A request head this loop takes, parsed.
-struct Head {
+pub(super) struct Head {
     /// Bytes of the head in the buffer.
-    len: usize,
+    pub(super) len: usize,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -136,7 +136,7 @@ struct Head {
 
 // Lives for one step of the loop, on its stack: no box for the common case.
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub(super) enum Parsed {
     Take(Head),
     /// One for hyper (see the module's comment).
     Hand,
@@ -144,7 +144,7 @@ enum Parsed {
 
 /// Parses the request head at the start of `buf`: `None` if incomplete,
 /// the status to reject it with if it is malformed.
-fn parse_request(buf: &[u8]) -> Result<Option<Parsed>, StatusCode> {
+pub(super) fn parse_request(buf: &[u8]) -> Result<Option<Parsed>, StatusCode> {
     if buf.is_empty() {
         return Ok(None);
     }
