@@ -333,8 +333,6 @@ impl Shim {
     + use<> {
         let shim = self.clone();
         hyper::service::service_fn(move |req| {
-            shim.requests.fetch_add(1, Ordering::Relaxed);
-            ctx.requests.fetch_add(1, Ordering::Relaxed);
             let shim = shim.clone();
             let ctx = ctx.clone();
             Box::pin(async move {
@@ -401,7 +399,9 @@ impl Shim {
 /// to 1.25 idle timeouts without a request.
 const QUIET_CHECKS: u32 = 4;
 
-/// A connection's idle check, fed the shared ticks.
+/// A connection's idle check, run every quarter of the idle timeout (on
+/// the shim's shared ticks for hyper's connections, on the connection's
+/// own timer in `h1::serve`).
 struct IdleCheck {
     /// The connection's request count at the last tick.
     seen: u64,

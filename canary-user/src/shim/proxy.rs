@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -173,6 +174,8 @@ struct Req<'a> {
 
 impl Shim {
     /// Answers one request; `body` is `None` for a request without one.
+    /// Both servers (`h1::serve` and hyper's) come through here, so this
+    /// is where requests are counted (the idle checks read the counts).
     pub(crate) async fn handle(
         self: &Arc<Self>,
         parts: Parts,
@@ -180,6 +183,8 @@ impl Shim {
         conn: &ConnCtx,
     ) -> Response<RespBody> {
         let start = Instant::now();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        conn.requests.fetch_add(1, Ordering::Relaxed);
         // One atomic load; this request keeps these routes to its end.
         let table = self.table.load_full();
         let grpc = is_grpc(&parts.headers);

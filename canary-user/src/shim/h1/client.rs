@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::wire::{
-    Chunk, MAX_HEAD, MAX_HEADERS, READ_SIZE, Step, chunk_step, has_token, header_map,
-    poll_read_buf, put_fields, read_more, take_data,
+    Chunk, MAX_HEAD, MAX_HEADERS, Step, chunk_step, has_token, header_map, poll_read_more,
+    put_fields, read_more, take_data,
 };
 use crate::shim::body::{BoxError, ReqBody};
 use crate::shim::upstream::{Key, Pool};
@@ -133,10 +133,13 @@ impl Conn {
         };
         let head = resp_head.map_err(Failure::Broken)?;
         let framing = response_framing(&head, head_only)?;
-        // After a 101 the connection speaks another protocol (the shim
-        // strips `Upgrade`, so none should come).
-        let reusable =
-            whole_request_sent && head.keep_alive && head.status != StatusCode::SWITCHING_PROTOCOLS;
+        // A body that runs to the connection's end uses it up; after a 101
+        // the connection speaks another protocol (the shim strips
+        // `Upgrade`, so none should come).
+        let reusable = whole_request_sent
+            && head.keep_alive
+            && framing != Framing::Eof
+            && head.status != StatusCode::SWITCHING_PROTOCOLS;
         let mut resp = Response::new(H1Body {
             conn: Some(self),
             framing,
@@ -423,15 +426,13 @@ impl H1Body {
                 },
                 _ => {}
             }
-            buf.reserve(READ_SIZE);
-            let n = match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, buf)) {
+            let n = match ready!(poll_read_more(Pin::new(&mut conn.io), cx, buf)) {
                 Ok(n) => n,
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
             };
             if n == 0 {
                 return match self.framing {
                     Framing::Eof => {
-                        self.reusable = false;
                         self.framing = Framing::Done;
                         Poll::Ready(None)
                     }

@@ -11,14 +11,14 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::shim::body::BoxError;
 
-/// A response head (status line and headers) may take this much at most,
-/// as hyper's client allows by default (~400 KB is its buffer; this is
-/// Envoy's `max_request_headers_kb` default, 60 KiB, rounded up).
+/// A request or response head (start line and headers) may take this
+/// much at most: Envoy's `max_request_headers_kb` default, 60 KiB, rounded
+/// up (hyper's buffer allows ~400 KB).
 pub(super) const MAX_HEAD: usize = 64 * 1024;
-/// Header fields per response head or trailer block (hyper's default).
+/// Header fields per head or trailer block (hyper's default).
 pub(super) const MAX_HEADERS: usize = 100;
 /// What one read asks the kernel for.
-pub(super) const READ_SIZE: usize = 8 * 1024;
+const READ_SIZE: usize = 8 * 1024;
 /// A chunk size line (hex digits and extensions) longer than this is
 /// refused.
 pub(super) const MAX_CHUNK_LINE: usize = 1024;
@@ -32,15 +32,17 @@ pub(super) async fn read_more<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
 ) -> io::Result<usize> {
-    buf.reserve(READ_SIZE);
-    std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *rd), cx, buf)).await
+    std::future::poll_fn(|cx| poll_read_more(Pin::new(&mut *rd), cx, buf)).await
 }
 
-pub(super) fn poll_read_buf<R: AsyncRead>(
+/// One read from the peer into `buf` (with at least `READ_SIZE` bytes of
+/// room); 0 at the end of stream.
+pub(super) fn poll_read_more<R: AsyncRead>(
     rd: Pin<&mut R>,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
+    buf.reserve(READ_SIZE);
     let n = {
         let spare = buf.spare_capacity_mut();
         let mut rb = ReadBuf::uninit(spare);
