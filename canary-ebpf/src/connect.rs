@@ -5,14 +5,18 @@ use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, generated::bpf_set_retval,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        generated::{bpf_getsockopt, bpf_set_retval, bpf_setsockopt},
     },
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use canary_common::*;
 
-use crate::{maps::*, sockops::count};
+use crate::{
+    maps::*,
+    sockops::{STEERED_MARK, count, flags_at_connect},
+};
 
 /// cgroup sock_addr verdicts.
 const ALLOW: i32 = 1;
@@ -154,6 +158,43 @@ fn rewrite<const FAMILY: u8>(
         _pad: 0,
     };
     let _ = FLOWS.insert(&cookie, &flow, 0);
+    if flags_at_connect() {
+        mark_steered(ctx);
+    }
+}
+
+const SOL_TCP: i32 = 6;
+/// `bpf_{get,set}sockopt` option for a TCP socket's sockops callback
+/// flags (kernel 6.12+).
+const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
+
+/// Marks the socket as steered by canary in its sockops callback flags,
+/// which sockops reads without a map lookup (see `sockops::STEERED_MARK`).
+/// Flags another program set are kept.
+#[inline(always)]
+fn mark_steered(ctx: &SockAddrContext) {
+    let len = size_of::<i32>() as i32;
+    let mut current: i32 = 0;
+    // SAFETY: each pointer is to `len` bytes on this program's stack.
+    let got = unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            (&raw mut current).cast(),
+            len,
+        )
+    };
+    let mut wanted = if got == 0 { current } else { 0 } | STEERED_MARK;
+    unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            (&raw mut wanted).cast(),
+            len,
+        )
+    };
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d).

@@ -1,12 +1,19 @@
 //! sockops: count each connection canary steered against its service,
 //! subset and endpoint — opened at ESTABLISHED, closed (with bytes) or
 //! failed at CLOSE — in per-CPU counters the agent sums.
+//!
+//! The kernel calls this program several times for every TCP socket in
+//! the cgroup, steered or not, so an unsteered socket must cost no map
+//! lookup. On Linux 6.12+ connect4 marks the sockets it steers in their
+//! callback flags (`STEERED_MARK`); the connect callback here turns that
+//! into state callbacks, and ESTABLISHED knows a steered socket by those.
+//! Before 6.12 the connect callback looks each socket up instead.
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
@@ -18,16 +25,43 @@ use crate::maps::{COUNTERS, FLOWS, ORIG_DST};
 
 const AF_INET6: u32 = 10;
 
+const STATE_CB_FLAG: i32 = BPF_SOCK_OPS_STATE_CB_FLAG as i32;
+
+/// What connect4 sets on a socket it steered. The RTO flag, because it
+/// costs nothing on a healthy connection (its callback only comes on a
+/// retransmission timeout). State callbacks would mark as well, but asked
+/// for at connect4 they add one callback (CLOSE → SYN_SENT) to every
+/// steered connection; the connect callback comes just after that change.
+pub const STEERED_MARK: i32 = BPF_SOCK_OPS_RTO_CB_FLAG as i32;
+
+/// 1 when connect4 can set a socket's callback flags itself
+/// (`TCP_BPF_SOCK_OPS_CB_FLAGS`, kernel 6.12+); the agent sets it at load.
+/// On older kernels the connect callback below looks the socket up.
+#[unsafe(no_mangle)]
+static CB_FLAGS_AT_CONNECT: Global<u8> = Global::new(0);
+
+#[inline(always)]
+pub fn flags_at_connect() -> bool {
+    CB_FLAGS_AT_CONNECT.load() != 0
+}
+
 pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
     match ctx.op() {
-        // The SYN is about to leave: ask for state callbacks, but only for
-        // the sockets connect() steered, so other sockets cost nothing more.
+        // The SYN is about to leave: ask for state callbacks (for the
+        // close, or a connect that fails), but only for steered sockets.
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if flow_of(ctx).is_some() {
-                let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            let flags = ctx.cb_flags() as i32;
+            let steered = if flags_at_connect() {
+                flags & STEERED_MARK != 0
+            } else {
+                flow_of(ctx).is_some()
+            };
+            if steered {
+                let _ = ctx.set_cb_flags(flags | STATE_CB_FLAG);
             }
         }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+        // Not steered (no state callbacks asked for): nothing to look up.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0 => {
             if let Some((_, flow)) = flow_of(ctx) {
                 count(&key_of(&flow), |c| c.opened += 1);
                 if flow.subset == SUBSET_SHIM {

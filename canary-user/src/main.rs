@@ -89,6 +89,11 @@ struct AgentArgs {
     /// Kernel-side log level (aya-log); `debug` logs every connection.
     #[arg(long, value_enum, default_value_t = KernelLogLevel::Warn)]
     kernel_log_level: KernelLogLevel,
+    /// Tell the connections canary steered apart in sockops by a map
+    /// lookup per connecting socket, as on kernels before 6.12, instead
+    /// of by the mark connect4 sets (for tests of that path).
+    #[arg(long, hide = true)]
+    sockops_lookup: bool,
     /// Port of the L7 shim on each client namespace's loopback (127.0.0.1
     /// and ::1), where the kernel sends connections to services that need
     /// HTTP routing.
@@ -175,6 +180,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 admin_socket: a.admin_socket,
                 state_dir: a.state_dir,
                 kernel_log_level: a.kernel_log_level,
+                sockops_lookup: a.sockops_lookup,
                 shim_port: a.shim_port,
                 metrics_addr: a.metrics_addr,
                 no_request_metrics: a.no_request_metrics,

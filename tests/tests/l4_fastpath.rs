@@ -149,6 +149,51 @@ fn sockops_counters_equal_the_connections_made() {
 
 #[test]
 #[ignore = "privileged: run with cargo xtask test"]
+fn refused_connections_are_counted_as_failed_both_ways_of_marking_them() {
+    require_root();
+    let prefix = unique_prefix();
+    let world = start(&prefix);
+    // Nothing listens on the target port: every pod answers the SYN with
+    // a reset, so no connection ever establishes.
+    let config = ConfigCopy::of("checkout", &prefix);
+    config.edit("services.yaml", "targetPort: 8080", "targetPort: 8089");
+    // Linux 6.12+ (this machine): connect4 marks the steered socket for
+    // sockops; `--sockops-lookup`: sockops looks each connecting socket up,
+    // the way kernels before 6.12 run.
+    for extra in [&[][..], &["--sockops-lookup"][..]] {
+        let run = format!("{prefix}{}", extra.len());
+        let agent = Agent::start_at_with_args(
+            &config.0,
+            world.cgroup.path(),
+            format!("/sys/fs/bpf/canary-test-{run}").into(),
+            format!("/run/canary-test-{run}").into(),
+            extra,
+        )
+        .expect("agent");
+        let r = probe(&world, ProbeArgs::count(vip4(), 200));
+        assert_eq!(r.failed, 200, "{extra:?}: {r:?}");
+        assert_eq!(
+            r.errors.keys().collect::<Vec<_>>(),
+            vec!["ECONNREFUSED"],
+            "{extra:?}: {r:?}"
+        );
+        let sum = |s: &Value, field: &str| -> u64 {
+            destinations(s, HOST)
+                .iter()
+                .map(|d| d["counters"][field].as_u64().unwrap_or(0))
+                .sum()
+        };
+        let status = wait_status(&agent, "every refused connection counted", |s| {
+            sum(s, "failed") == 200
+        });
+        assert_eq!(sum(&status, "opened"), 0, "{extra:?}: {status:#}");
+        assert_eq!(sum(&status, "closed"), 0, "{extra:?}: {status:#}");
+        drop(agent);
+    }
+}
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
 fn a_dual_stack_socket_dialling_the_ipv4_vip_is_split_too() {
     require_root();
     let prefix = unique_prefix();

@@ -30,6 +30,8 @@ pub struct AgentOptions {
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
     pub kernel_log_level: KernelLogLevel,
+    /// Force sockops' pre-6.12 way of finding steered sockets (tests).
+    pub sockops_lookup: bool,
     /// Port of the shim's listeners on each client namespace's loopback.
     pub shim_port: u16,
     /// `/metrics`, `/healthz`, `/readyz`.
@@ -48,6 +50,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pin_path: opts.pin_path.clone(),
         cgroup: opts.cgroup.clone(),
         log_level: opts.kernel_log_level,
+        sockops_lookup: opts.sockops_lookup,
     })?;
     tracing::info!(cgroup = %opts.cgroup.display(), pins = %opts.pin_path.display(), "kernel programs attached");
     if let Some(logger) = logger {

@@ -30,6 +30,9 @@ pub struct DataplaneOptions {
     pub pin_path: PathBuf,
     pub cgroup: PathBuf,
     pub log_level: KernelLogLevel,
+    /// sockops looks every connecting socket up instead of reading the
+    /// mark connect4 sets; forced on kernels before 6.12.
+    pub sockops_lookup: bool,
 }
 
 /// Map names, as pinned. Kept in one list so cleanup and compatibility

@@ -96,6 +96,17 @@ fn check_pinned_maps(pin_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether connect4 can mark the sockets it steers in their sockops
+/// callback flags (`bpf_setsockopt(TCP_BPF_SOCK_OPS_CB_FLAGS)`, Linux
+/// 6.12). Then sockops tells steered sockets by their flags, and every
+/// other TCP socket in the cgroup passes through it without a map lookup;
+/// before 6.12 sockops looks each connecting socket up instead.
+fn connect_sets_cb_flags() -> bool {
+    aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 12, 0))
+        .unwrap_or(false)
+}
+
 /// Loads the object (reusing pinned maps) and makes sure each program is
 /// attached to the cgroup through a pinned link, swapping in this agent's
 /// program where a link already exists.
@@ -105,9 +116,11 @@ pub fn load_and_attach(opts: &DataplaneOptions) -> Result<Ebpf> {
     }
     check_pinned_maps(&opts.pin_path)?;
     let level = opts.log_level.as_aya();
+    let flags_at_connect = u8::from(!opts.sockops_lookup && connect_sets_cb_flags());
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_path)
         .override_global("AYA_LOG_LEVEL", &level, false)
+        .override_global("CB_FLAGS_AT_CONNECT", &flags_at_connect, true)
         .load(OBJECT)
         .context("loading canary's kernel object")?;
 

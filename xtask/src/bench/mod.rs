@@ -249,7 +249,8 @@ pub type AtOnceKey = (&'static str, &'static str, &'static str);
 /// The comparisons of the targets that run at once: the VIPs
 /// against the direct path, canary against iptables, and canary among
 /// 10,000 services against canary with one.
-const AT_ONCE: [(&str, &str); 4] = [
+const AT_ONCE: [(&str, &str); 5] = [
+    ("direct_canary_attached", "direct"),
     ("canary_one", "direct"),
     ("canary_split", "direct"),
     ("canary_split", "iptables_split"),
