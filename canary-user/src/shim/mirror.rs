@@ -122,7 +122,13 @@ impl Shim {
                 let workload = ep.workload.clone();
                 match shim
                     .pool
-                    .send(&*shim.connector, key, cluster.limits, &mut Some(req))
+                    .send(
+                        &*shim.connector,
+                        key,
+                        cluster.limits,
+                        &mut Some(req),
+                        &mut None,
+                    )
                     .await
                 {
                     Ok(resp) => {

@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use tokio::time::Instant as TokioInstant;
 
@@ -104,6 +104,11 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present
+    // rules that out, where a lookup per name would hash each one.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         // Headers the Connection header names are hop-by-hop too. The
         // usual `keep-alive` and `close` name nothing more to remove (the
@@ -126,11 +131,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n.as_str());
         }
     }
-    // Most requests carry none of them: skip the removals then.
-    if HOP_BY_HOP.iter().any(|n| h.contains_key(n)) {
-        for n in &HOP_BY_HOP {
-            h.remove(n);
-        }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -382,13 +384,12 @@ impl Shim {
         for m in mirrors {
             self.spawn_mirror(m, &parts, &authority, replay.clone(), conn, hash, timeout);
         }
-        let head = keep_head.then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
+        // A retry sends the same head again. hyper's HTTP/2 client keeps
+        // the request it sends, so that head is copied here; the shim's
+        // own HTTP/1.1 client hands back the head it wrote (into `head`),
+        // which saves a copy of every request's headers under Istio's
+        // default retry policy.
+        let mut head = (keep_head && h2).then(|| copy_head(&parts));
         let mut pending = Some(Request::from_parts(parts, first_body));
 
         let netns = conn.info.netns;
@@ -405,7 +406,7 @@ impl Shim {
                 break;
             };
             if pending.is_none() {
-                match rebuild(&head, &replay, body_empty) {
+                match rebuild(&mut head, h2, &replay, body_empty) {
                     Some(req) => pending = Some(req),
                     // The body cannot be sent again: no retry.
                     None => {
@@ -428,9 +429,13 @@ impl Shim {
             ep.health.start();
             // `pending` keeps the request until a connection takes it,
             // and gets it back if it was not sent.
-            let send = self
-                .pool
-                .send(&*self.connector, key, cluster.limits, &mut pending);
+            let send = self.pool.send(
+                &*self.connector,
+                key,
+                cluster.limits,
+                &mut pending,
+                &mut head,
+            );
             let result = match try_deadline {
                 Some((at, _)) => tokio::time::timeout_at(at, send).await.ok(),
                 None => Some(send.await),
@@ -459,7 +464,7 @@ impl Shim {
                     // The next attempt's request, when this one is retried
                     // and can be sent again.
                     pending = (again && r.attempts <= retry.retries)
-                        .then(|| rebuild(&head, &replay, body_empty))
+                        .then(|| rebuild(&mut head, h2, &replay, body_empty))
                         .flatten();
                     if pending.is_none() {
                         if again && r.attempts > retry.retries {
@@ -762,26 +767,37 @@ pub(crate) fn upstream_uri(h2: bool, authority: &str, path_and_query: &str) -> h
     }
 }
 
-/// A retry's request: the kept head and a replay of the body.
+/// A retry's request: the kept head (moved for HTTP/1.1, whose client
+/// hands it back after each send; copied for HTTP/2) and a replay of the
+/// body.
 fn rebuild(
-    head: &Option<(Method, Uri, HeaderMap)>,
+    head: &mut Option<Parts>,
+    h2: bool,
     replay: &Option<Arc<super::body::Replay>>,
     body_empty: bool,
 ) -> Option<Request<ReqBody>> {
-    let (m, u, h) = head.as_ref()?;
     let body = if body_empty {
         ReqBody::Empty
     } else {
         replay.as_ref()?.body()?
     };
-    let mut req = Request::new(body);
-    *req.method_mut() = m.clone();
-    *req.uri_mut() = u.clone();
-    *req.headers_mut() = h.clone();
-    if u.scheme().is_some() {
-        *req.version_mut() = Version::HTTP_2;
-    }
-    Some(req)
+    let parts = if h2 {
+        copy_head(head.as_ref()?)
+    } else {
+        head.take()?
+    };
+    Some(Request::from_parts(parts, body))
+}
+
+/// Method, target, version and headers of a request head (extensions are
+/// the server's and stay behind).
+fn copy_head(p: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = p.method.clone();
+    copy.uri = p.uri.clone();
+    copy.version = p.version;
+    copy.headers = p.headers.clone();
+    copy
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2;
@@ -217,13 +218,15 @@ impl Pool {
     /// when there is a usable one. A pooled connection that turns out
     /// closed before the request went out is replaced by a new one
     /// transparently. `req` is `Some` afterwards only if the request was
-    /// not sent.
+    /// not sent. Over HTTP/1.1 the head of a sent request comes back in
+    /// `sent` (for a retry); HTTP/2 leaves `sent` alone.
     pub async fn send(
         self: &Arc<Self>,
         connector: &dyn Connector,
         key: Key,
         limits: Limits,
         req: &mut Option<Request<ReqBody>>,
+        sent: &mut Option<Parts>,
     ) -> SendResult {
         // Every request's future holds this one, moved by value at each
         // `.await` that starts it, so its size is paid per request: the h2
@@ -234,7 +237,7 @@ impl Pool {
             return Box::pin(self.send_h2(connector, key, limits, req)).await;
         }
         while let Some(conn) = self.take_h1(&key) {
-            match conn.send(req, self.home(key, limits)).await {
+            match conn.send(req, sent, self.home(key, limits)).await {
                 Ok(resp) => return Ok(resp.map(|b| UpstreamBody::H1(Box::new(b)))),
                 // Not sent: the idle connection was closed; next one.
                 Err(Failure::NotSent(_)) => continue,
@@ -243,7 +246,7 @@ impl Pool {
         }
         let stream = Box::pin(connect(connector, key, limits.connect_timeout)).await?;
         match h1::Conn::new(stream)
-            .send(req, self.home(key, limits))
+            .send(req, sent, self.home(key, limits))
             .await
         {
             Ok(resp) => Ok(resp.map(|b| UpstreamBody::H1(Box::new(b)))),

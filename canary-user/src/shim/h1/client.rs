@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -88,12 +89,14 @@ impl Conn {
     }
 
     /// Sends the request in `req` and reads the response head. `req` is
-    /// taken once the first bytes of its head are out; on `NotSent` it is
-    /// still there. The body of the returned response owns the connection
-    /// and sends it `home` when it has ended cleanly.
+    /// taken once the first bytes of its head are out, and its head goes
+    /// to `sent` (the caller may send it again); on `NotSent` it is still
+    /// in `req`. The body of the returned response owns the connection and
+    /// sends it `home` when it has ended cleanly.
     pub async fn send(
         mut self,
         req: &mut Option<Request<ReqBody>>,
+        sent: &mut Option<Parts>,
         home: Home,
     ) -> Result<Response<H1Body>, Failure> {
         let Some(r) = req.as_ref() else {
@@ -118,13 +121,14 @@ impl Conn {
         {
             return Err(Failure::Broken(e.into()));
         }
+        let (parts, body) = request.into_parts();
+        *sent = Some(parts);
         let (resp_head, whole_request_sent) = if body_empty {
-            drop(request);
+            drop(body);
             (read_head(&mut self.io, &mut self.buf).await, true)
         } else {
             // Boxed: only requests with a body need this, and every
             // request's future would otherwise carry its size.
-            let body = request.into_body();
             match Box::pin(send_body(&mut self, body, framing)).await {
                 First::Sent(Err(e)) => return Err(Failure::Broken(e)),
                 First::Sent(Ok(())) => (read_head(&mut self.io, &mut self.buf).await, true),

@@ -110,11 +110,23 @@ async fn exchange(
     req: Request<ReqBody>,
     home: Home,
 ) -> (Response<H1Body>, Bytes, Option<HeaderMap>) {
-    let resp = match conn.send(&mut Some(req), home).await {
+    let (method, uri, headers) = (
+        req.method().clone(),
+        req.uri().clone(),
+        req.headers().clone(),
+    );
+    let mut sent = None;
+    let resp = match conn.send(&mut Some(req), &mut sent, home).await {
         Ok(r) => r,
         Err(Failure::NotSent(e)) => panic!("not sent: {e}"),
         Err(Failure::Broken(e)) => panic!("broken: {e}"),
     };
+    // The head written comes back whole, for a retry to send again.
+    let sent = sent.expect("the sent head handed back");
+    assert_eq!(
+        (sent.method, sent.uri, sent.headers),
+        (method, uri, headers)
+    );
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.expect("body");
     let trailers = collected.trailers().cloned();
@@ -339,7 +351,7 @@ async fn a_malformed_response_fails_the_exchange() {
         let (pool, key, _) = pool_and_key(addr);
         let result = match connect(addr)
             .await
-            .send(&mut Some(get("/")), home(&pool, key))
+            .send(&mut Some(get("/")), &mut None, home(&pool, key))
             .await
         {
             Ok(resp) => resp.into_body().collect().await.map(|_| ()),
