@@ -186,7 +186,7 @@ fn mark_steered(ctx: &SockAddrContext) {
         )
     };
     let mut wanted = if got == 0 { current } else { 0 } | STEERED_MARK;
-    unsafe {
+    let set = unsafe {
         bpf_setsockopt(
             ctx.as_ptr(),
             SOL_TCP,
@@ -195,6 +195,13 @@ fn mark_steered(ctx: &SockAddrContext) {
             len,
         )
     };
+    if set != 0
+        && let Some(refused) = MARK_REFUSED.get_ptr_mut(0)
+    {
+        // SAFETY: a map value; a plain store of a flag that only ever
+        // goes from 0 to 1.
+        unsafe { *refused = 1 };
+    }
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d).

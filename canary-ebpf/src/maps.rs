@@ -35,6 +35,13 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned
 #[map]
 pub static CLIENT_IDS: HashMap<u64, ClientIdentity> = HashMap::pinned(MAX_CLIENT_IDENTITIES, 0);
 
+/// Set to 1 by connect4 if the kernel refused the steered-socket mark
+/// (`TCP_BPF_SOCK_OPS_CB_FLAGS`): sockops then looks every connecting
+/// socket up, as before 6.12, so no steered connection goes uncounted.
+/// Not pinned: a new agent's programs try the mark again.
+#[map]
+pub static MARK_REFUSED: Array<u32> = Array::with_max_entries(1, 0);
+
 /// The shim's look-up of what a redirected client dialled: written when
 /// the client's connection to the shim is established, removed at close.
 #[map]

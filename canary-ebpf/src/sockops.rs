@@ -7,7 +7,8 @@
 //! lookup. On Linux 6.12+ connect4 marks the sockets it steers in their
 //! callback flags (`STEERED_MARK`); the connect callback here turns that
 //! into state callbacks, and ESTABLISHED knows a steered socket by those.
-//! Before 6.12 the connect callback looks each socket up instead.
+//! Before 6.12 (or if the kernel refuses the mark) the connect callback
+//! looks each socket up instead.
 
 use aya_ebpf::{
     EbpfContext, Global,
@@ -21,7 +22,7 @@ use aya_ebpf::{
 use canary_common::{CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM};
 
 use crate::connect::v4_mapped;
-use crate::maps::{COUNTERS, FLOWS, ORIG_DST};
+use crate::maps::{COUNTERS, FLOWS, MARK_REFUSED, ORIG_DST};
 
 const AF_INET6: u32 = 10;
 
@@ -45,13 +46,19 @@ pub fn flags_at_connect() -> bool {
     CB_FLAGS_AT_CONNECT.load() != 0
 }
 
+/// A kernel that claimed 6.12 but refused the mark: look sockets up.
+#[inline(always)]
+fn mark_refused() -> bool {
+    MARK_REFUSED.get(0).is_some_and(|v| *v != 0)
+}
+
 pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
     match ctx.op() {
         // The SYN is about to leave: ask for state callbacks (for the
         // close, or a connect that fails), but only for steered sockets.
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             let flags = ctx.cb_flags() as i32;
-            let steered = if flags_at_connect() {
+            let steered = if flags_at_connect() && !mark_refused() {
                 flags & STEERED_MARK != 0
             } else {
                 flow_of(ctx).is_some()
