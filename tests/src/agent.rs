@@ -269,3 +269,12 @@ pub fn destinations<'a>(status: &'a Value, host: &str) -> Vec<&'a Value> {
         })
         .collect()
 }
+
+/// One kernel counter (`opened`, `failed`, `bytes_received`, ...) summed
+/// over every destination of `host` in a `canary status --json` answer.
+pub fn counter_total(status: &Value, host: &str, field: &str) -> u64 {
+    destinations(status, host)
+        .iter()
+        .map(|d| d["counters"][field].as_u64().unwrap_or(0))
+        .sum()
+}

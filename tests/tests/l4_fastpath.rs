@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use canary_tests::agent::{Agent, destinations};
+use canary_tests::agent::{Agent, counter_total, destinations};
 use canary_tests::checkout::{vip4, vip6};
 use canary_tests::e2e::*;
 use canary_tests::probe::ProbeArgs;
@@ -140,10 +140,7 @@ fn sockops_counters_equal_the_connections_made() {
     }
     per_pod.retain(|_, n| *n > 0);
     assert_eq!(per_pod, made.by_pod);
-    let bytes: u64 = destinations(&status, HOST)
-        .iter()
-        .map(|d| d["counters"]["bytes_received"].as_u64().unwrap_or(0))
-        .sum();
+    let bytes = counter_total(&status, HOST, "bytes_received");
     assert!(bytes > 1000 * 40, "bytes received from backends: {bytes}");
 }
 
@@ -177,17 +174,11 @@ fn refused_connections_are_counted_as_failed_both_ways_of_marking_them() {
             vec!["ECONNREFUSED"],
             "{extra:?}: {r:?}"
         );
-        let sum = |s: &Value, field: &str| -> u64 {
-            destinations(s, HOST)
-                .iter()
-                .map(|d| d["counters"][field].as_u64().unwrap_or(0))
-                .sum()
-        };
         let status = wait_status(&agent, "every refused connection counted", |s| {
-            sum(s, "failed") == 200
+            counter_total(s, HOST, "failed") == 200
         });
-        assert_eq!(sum(&status, "opened"), 0, "{extra:?}: {status:#}");
-        assert_eq!(sum(&status, "closed"), 0, "{extra:?}: {status:#}");
+        assert_eq!(counter_total(&status, HOST, "opened"), 0, "{status:#}");
+        assert_eq!(counter_total(&status, HOST, "closed"), 0, "{status:#}");
         drop(agent);
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! Privileged: run with `cargo xtask test` (as root).
 
-use canary_tests::agent::{Agent, destinations};
+use canary_tests::agent::{Agent, counter_total};
 use canary_tests::checkout::vip4;
 use canary_tests::e2e::*;
 use canary_tests::probe::ProbeArgs;
@@ -39,10 +39,7 @@ fn sigkilled_agent_leaves_the_data_path_serving_and_a_restart_adopts_it() {
 
     background.finish_without_failures("across kill and restart");
     // Counters live in pinned maps: the restarted agent still has them all.
-    let counted: u64 = destinations(&agent.status().expect("status"), HOST)
-        .iter()
-        .map(|d| d["counters"]["opened"].as_u64().unwrap_or(0))
-        .sum();
+    let counted = counter_total(&agent.status().expect("status"), HOST, "opened");
     assert!(
         counted >= orphaned.ok + after.ok,
         "counters lost across restart: {counted}"
@@ -156,10 +153,7 @@ fn a_subset_without_endpoints_fails_connections_at_once() {
     );
     assert_eq!(r.by_version.keys().collect::<Vec<_>>(), vec!["v1"]);
     let status = agent.status().expect("status");
-    let refused: u64 = destinations(&status, HOST)
-        .iter()
-        .map(|d| d["counters"]["no_endpoint"].as_u64().unwrap_or(0))
-        .sum();
+    let refused = counter_total(&status, HOST, "no_endpoint");
     assert_eq!(refused, r.failed, "{status:#}");
 }
 
