@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 
 use super::wire::{
     Chunk, MAX_HEAD, MAX_HEADERS, Step, chunk_step, has_token, header_map, poll_read_more,
-    put_fields, read_more, take_data,
+    put_chunk, put_fields, put_last_chunk, read_more, take_data,
 };
 use crate::shim::body::{BoxError, ReqBody};
 use crate::shim::upstream::{Key, Pool};
@@ -226,32 +226,31 @@ async fn write_body<W: tokio::io::AsyncWrite + Unpin>(
     framing: ReqFraming,
 ) -> Result<(), BoxError> {
     let mut body = Pin::new(body);
+    // A chunk's framing and data go out in one write.
+    let mut chunk = Vec::new();
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let frame = frame?;
         if let Some(data) = frame.data_ref() {
-            if data.is_empty() {
-                continue;
-            }
             if framing == ReqFraming::Chunked {
-                wr.write_all(format!("{:x}\r\n", data.len()).as_bytes())
-                    .await?;
-                wr.write_all(data).await?;
-                wr.write_all(b"\r\n").await?;
+                chunk.clear();
+                put_chunk(&mut chunk, data);
+                wr.write_all(&chunk).await?;
             } else {
                 wr.write_all(data).await?;
             }
         } else if let Some(trailers) = frame.trailers_ref()
             && framing == ReqFraming::Chunked
         {
-            let mut end = b"0\r\n".to_vec();
-            put_fields(&mut end, trailers);
-            end.extend_from_slice(b"\r\n");
-            wr.write_all(&end).await?;
+            chunk.clear();
+            put_last_chunk(&mut chunk, Some(trailers));
+            wr.write_all(&chunk).await?;
             return wr.flush().await.map_err(Into::into);
         }
     }
     if framing == ReqFraming::Chunked {
-        wr.write_all(b"0\r\n\r\n").await?;
+        chunk.clear();
+        put_last_chunk(&mut chunk, None);
+        wr.write_all(&chunk).await?;
     }
     wr.flush().await.map_err(Into::into)
 }

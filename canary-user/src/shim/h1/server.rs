@@ -28,7 +28,9 @@ use hyper::body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::wire::{MAX_HEAD, MAX_HEADERS, has_token, header_map, put_fields, read_more};
+use super::wire::{
+    MAX_HEAD, MAX_HEADERS, has_token, header_map, put_chunk, put_fields, put_last_chunk, read_more,
+};
 use crate::shim::body::{BoxError, RespBody};
 use crate::shim::{ConnCtx, IdleCheck, Shim};
 
@@ -297,9 +299,7 @@ async fn write_response(
                 } else if let Some(t) = frame.trailers_ref()
                     && matches!(framing, Framing::Chunked)
                 {
-                    out.extend_from_slice(b"0\r\n");
-                    put_fields(&mut out, t);
-                    out.extend_from_slice(b"\r\n");
+                    put_last_chunk(&mut out, Some(t));
                     io.write_all(&out).await?;
                     return Ok(true);
                 }
@@ -307,7 +307,7 @@ async fn write_response(
             None => {
                 let complete = match framing {
                     Framing::Chunked => {
-                        out.extend_from_slice(b"0\r\n\r\n");
+                        put_last_chunk(&mut out, None);
                         true
                     }
                     Framing::Length(left) => left == 0,
@@ -341,14 +341,9 @@ fn ready_frame(body: Pin<&mut RespBody>) -> Option<Option<Result<Frame<Bytes>, B
 /// Appends a data frame in the response's framing; `false` if it runs
 /// past the declared length (what fits is appended).
 fn put_data(out: &mut Vec<u8>, framing: &mut Framing, data: &Bytes) -> bool {
-    if data.is_empty() {
-        return true;
-    }
     match framing {
         Framing::Chunked => {
-            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-            out.extend_from_slice(data);
-            out.extend_from_slice(b"\r\n");
+            put_chunk(out, data);
             true
         }
         Framing::Length(left) => {

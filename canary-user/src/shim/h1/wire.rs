@@ -1,7 +1,7 @@
 //! HTTP/1.1 wire pieces both directions share: limits, reads into a
 //! buffer, header blocks, body slices, and the chunked decoder.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -78,6 +78,27 @@ pub(super) fn put_fields(out: &mut Vec<u8>, h: &HeaderMap) {
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Appends one chunk of a chunked body (RFC 9112 §7.1). An empty one is
+/// skipped: it would read as the last chunk.
+pub(super) fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the last chunk and the trailer section of a chunked body.
+pub(super) fn put_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    if let Some(t) = trailers {
+        put_fields(out, t);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
