@@ -17,8 +17,9 @@
 //! Each round runs every scenario with wrk (new connection per request, and
 //! keep-alive), in an order rotated from round to round; the report gives
 //! the median of the rounds. Then the at-once runs: wrk through both
-//! scenarios of a compared pair at the same time (the VIPs and the direct
-//! path, canary and iptables, 10,000 services and one), whose per-run
+//! scenarios of a compared pair at the same time (canary attached and the
+//! direct path, the VIPs and the direct path, canary and iptables, 10,000
+//! services and one), whose per-run
 //! ratios hold where sequential rounds swing with the VM; the targets are
 //! judged on them. Then `connect()` timing with `canary-probe
 //! --connect-timing` (interleaved rounds, differences paired by round), and
@@ -246,9 +247,10 @@ pub struct Results {
 /// (scenario, the scenario it ran beside, mode).
 pub type AtOnceKey = (&'static str, &'static str, &'static str);
 
-/// The comparisons of the targets that run at once: the VIPs
-/// against the direct path, canary against iptables, and canary among
-/// 10,000 services against canary with one.
+/// The comparisons that run at once: the cost canary puts on traffic that
+/// is not for a Service (attached, direct), then the targets: the
+/// VIPs against the direct path, canary against iptables, and canary
+/// among 10,000 services against canary with one.
 const AT_ONCE: [(&str, &str); 5] = [
     ("direct_canary_attached", "direct"),
     ("canary_one", "direct"),
