@@ -441,6 +441,11 @@ impl Shim {
                 None => Some(send.await),
             };
             ep.health.end();
+            if !keep_head {
+                // The policy never sends this request twice: a handed-back
+                // head must not make a retry possible.
+                head = None;
+            }
             let now_ms = self.now_ms();
             let et = Target {
                 service: svc,
