@@ -14,6 +14,7 @@
 
 pub mod hash;
 pub mod maps;
+pub mod tcp;
 
 pub use hash::{maglev_slot, source_hash, subset_point};
 pub use maps::*;

@@ -146,9 +146,10 @@ pub struct Counters {
     pub failed: u64,
     /// `connect()` calls refused because the chosen subset had no endpoint.
     pub no_endpoint: u64,
-    /// Bytes acknowledged by the peer, counted when the connection closes.
+    /// Payload bytes acknowledged by the peer, counted when the connection
+    /// closes (TCP's count less the SYN and FIN: see `tcp`).
     pub bytes_sent: u64,
-    /// Bytes received, counted when the connection closes.
+    /// Payload bytes received, counted when the connection closes.
     pub bytes_received: u64,
 }
 

@@ -19,7 +19,10 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use canary_common::{CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM};
+use canary_common::{
+    CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM,
+    tcp::payload_at_tcp_close,
+};
 
 use crate::connect::v4_mapped;
 use crate::maps::{COUNTERS, FLOWS, MARK_REFUSED, ORIG_DST};
@@ -82,8 +85,10 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
             if let Some((cookie, flow)) = flow_of(ctx) {
                 let never_established = ctx.arg(0) == BPF_TCP_SYN_SENT;
                 // SAFETY: valid context; byte counters are plain reads.
-                let (sent, received) =
+                let (acked, received) =
                     unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
+                // TCP's counters include the SYN and FINs; Istio's are payload.
+                let (sent, received) = payload_at_tcp_close(ctx.arg(0), acked, received);
                 count(&key_of(&flow), |c| {
                     if never_established {
                         c.failed += 1;

@@ -53,6 +53,9 @@ pub struct ProbeReport {
     /// Wall time of the whole run.
     #[serde(default)]
     pub elapsed_ms: u64,
+    /// Payload bytes written and read over all connections.
+    #[serde(default)]
+    pub bytes: Transfer,
     /// With `--connect-timing`: how long the `connect()` system calls of
     /// the successful connects took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +95,15 @@ pub struct Attempt {
     pub peer_is_target: Option<bool>,
     /// The answering backend (`None` in connect-only mode), or the error kind.
     pub result: Result<Option<Identity>, String>,
+    /// Bytes written to and read from the connection, whatever the result.
+    pub bytes: Transfer,
+}
+
+/// Payload bytes one connection (or a whole run) moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub sent: u64,
+    pub received: u64,
 }
 
 /// Who answered: the body `"<version> <pod>\n"` of `canary-backend`.
@@ -164,6 +176,8 @@ impl ProbeReport {
     /// Counts one connection.
     pub fn record(&mut self, attempt: &Attempt) {
         self.attempted += 1;
+        self.bytes.sent += attempt.bytes.sent;
+        self.bytes.received += attempt.bytes.received;
         match attempt.peer_is_target {
             Some(true) => self.peer_is_target += 1,
             Some(false) => self.peer_mismatch += 1,
@@ -220,6 +234,8 @@ impl ProbeReport {
             }
         }
         self.attempted += other.attempted;
+        self.bytes.sent += other.bytes.sent;
+        self.bytes.received += other.bytes.received;
         self.ok += other.ok;
         self.failed += other.failed;
         self.peer_is_target += other.peer_is_target;
@@ -472,6 +488,10 @@ mod tests {
                 version: "v1".into(),
                 pod: pod.into(),
             })),
+            bytes: Transfer {
+                sent: 40,
+                received: 100,
+            },
         }
     }
 
@@ -483,6 +503,7 @@ mod tests {
             source: Some("10.77.1.6".parse()?),
             peer_is_target: None,
             result: Err("ECONNREFUSED".into()),
+            bytes: Transfer::default(),
         });
         let mut b = ProbeReport::default();
         b.record(&ok(Some("10.77.1.5"), "p-a"));
@@ -492,6 +513,7 @@ mod tests {
         assert_eq!(a.peer_is_target, 3);
         assert_eq!(a.errors["ECONNREFUSED"], 1);
         assert_eq!(a.by_version["v1"], 3);
+        assert_eq!((a.bytes.sent, a.bytes.received), (120, 300));
         let sources = a.by_source.as_ref().expect("by_source");
         assert_eq!(sources["10.77.1.5"]["p-a"], 2);
         assert_eq!(sources["10.77.1.6"]["p-b"], 1);

@@ -34,7 +34,7 @@ use canary_tests::http::{Framing, HttpReader};
 use canary_tests::net::{connect_tcp, error_kind, set_linger_zero, sockaddr};
 use canary_tests::probe::{
     Attempt, ConnectTiming, DEFAULT_CONNECT_TIMEOUT, Identity, MAX_CONNECTIONS, ProbeReport,
-    ProbeStop,
+    ProbeStop, Transfer,
 };
 
 const USAGE: &str = "usage: canary-probe --target ADDR:PORT (--count N | --until-file PATH \
@@ -177,6 +177,7 @@ fn probe_once(config: &Config, source: Option<IpAddr>) -> (Attempt, Option<u64>)
         source,
         peer_is_target,
         result: Err(error_kind(e)),
+        bytes: Transfer::default(),
     };
     let connected = if config.connect_timing {
         connect_timed(source, config.target, config.timeout).map(|(s, ns)| (s, Some(ns)))
@@ -198,13 +199,17 @@ fn probe_once(config: &Config, source: Option<IpAddr>) -> (Attempt, Option<u64>)
             source,
             peer_is_target: Some(peer_is_target),
             result: Ok(None),
+            bytes: Transfer::default(),
         };
         return (attempt, connect_ns);
     }
+    let mut bytes = Transfer::default();
+    let result = exchange(config, &stream, deadline, &mut bytes).map(Some);
     let attempt = Attempt {
         source,
         peer_is_target: Some(peer_is_target),
-        result: exchange(config, &stream, deadline).map(Some),
+        result,
+        bytes,
     };
     (attempt, connect_ns)
 }
@@ -267,17 +272,28 @@ fn connect_timed(
 
 /// Sends the request and reads the answer; a response that is not a 2xx
 /// `<version> <pod>` body is a failure too. Errors are failure kinds.
-fn exchange(config: &Config, stream: &TcpStream, deadline: Instant) -> Result<Identity, String> {
+/// `bytes` counts what was written and read, even on failure.
+fn exchange(
+    config: &Config,
+    stream: &TcpStream,
+    deadline: Instant,
+    bytes: &mut Transfer,
+) -> Result<Identity, String> {
     let io = |e: io::Error| error_kind(&e);
     // connect_tcp set the write timeout.
     let mut writer = stream;
     writer.write_all(&config.request).map_err(io)?;
+    bytes.sent = config.request.len() as u64;
     let left = deadline.saturating_duration_since(Instant::now());
     stream
         .set_read_timeout(Some(left.max(Duration::from_millis(1))))
         .map_err(io)?;
 
-    let mut reader = HttpReader::new(DeadlineReader { stream, deadline });
+    let mut reader = HttpReader::new(DeadlineReader {
+        stream,
+        deadline,
+        read: &mut bytes.received,
+    });
     let head = reader
         .read_head()
         .map_err(io)?
@@ -308,6 +324,8 @@ fn exchange(config: &Config, stream: &TcpStream, deadline: Instant) -> Result<Id
 struct DeadlineReader<'a> {
     stream: &'a TcpStream,
     deadline: Instant,
+    /// Bytes read so far.
+    read: &'a mut u64,
 }
 
 impl Read for DeadlineReader<'_> {
@@ -316,7 +334,9 @@ impl Read for DeadlineReader<'_> {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
         }
         let mut stream = self.stream;
-        stream.read(buf)
+        let n = stream.read(buf)?;
+        *self.read += n as u64;
+        Ok(n)
     }
 }
 
