@@ -27,7 +27,10 @@ pub const MAX_SERVICES: u32 = 32_768;
 pub const MAX_TABLES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_MAGLEV_TABLES: u32 = 8_192;
+/// Slots of `FLOW_SLOTS`: a socket's flow lives in slot `cookie % MAX_FLOWS`.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Entries of `FLOWS`, for the flows whose slot is taken.
+pub const MAX_FLOW_OVERFLOW: u32 = 65_536;
 pub const MAX_COUNTERS: u32 = 65_536;
 pub const MAX_CLIENT_IDENTITIES: u32 = 16_384;
 pub const MAX_ORIG_DST: u32 = 65_536;
@@ -113,15 +116,50 @@ pub struct MaglevTable {
 }
 
 /// What `connect()` decided for one socket, keyed by its socket cookie.
-/// Read back by `getpeername()` (to show the VIP), by sockops (to count
-/// the flow against its subset and endpoint) and by the agent.
+/// Read back by `getpeername()` (to show the VIP) and by sockops (to count
+/// the flow against its subset and endpoint).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub service: ServiceKey,
     pub backend: Backend,
     pub subset: u32,
-    pub _pad: u32,
+    /// `FLOW_CONNECTING` or `FLOW_IN_TCP`.
+    pub state: u32,
+}
+
+/// `Flow.state`: connect4 chose; the kernel has not started the handshake.
+pub const FLOW_CONNECTING: u32 = 0;
+/// The handshake has started: the flow ends at TCP CLOSE (sockops state
+/// callbacks), which frees its record.
+pub const FLOW_IN_TCP: u32 = 1;
+
+/// A slot of `FLOW_SLOTS`, one cache line: the flow of the socket whose
+/// cookie it holds (0: free).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub cookie: u64,
+    pub flow: Flow,
+    /// When connect4 took the slot (`bpf_ktime_get_coarse_ns`).
+    pub claimed_ns: u64,
+}
+
+/// A `FLOW_CONNECTING` slot this old belongs to a `connect()` that failed
+/// before the handshake (no route, no free port, another program's veto):
+/// no state callback will ever free it, so connect4 may take it over. The
+/// handshake starts microseconds after connect4, in the same system call.
+pub const FLOW_SLOT_ABANDONED_NS: u64 = 60_000_000_000;
+
+/// Whether connect4 may write the flow of socket `cookie` into a slot that
+/// holds `slot` (see `canary-ebpf/src/flows.rs`): the slot is free, is
+/// already this socket's (a second `connect()`), or was abandoned.
+#[inline(always)]
+pub fn slot_is_ours(slot: &FlowSlot, cookie: u64, now_ns: u64) -> bool {
+    slot.cookie == 0
+        || slot.cookie == cookie
+        || (slot.flow.state == FLOW_CONNECTING
+            && now_ns.saturating_sub(slot.claimed_ns) > FLOW_SLOT_ABANDONED_NS)
 }
 
 /// Per service, subset and endpoint. An all-zero `backend` is the
@@ -183,6 +221,7 @@ const _: () = assert!(size_of::<RouteTable>() == 8 + 16 * MAX_SUBSETS);
 const _: () = assert!(size_of::<Backend>() == 20);
 const _: () = assert!(size_of::<MaglevTable>() == 2 * (MAGLEV_SIZE as usize + 1));
 const _: () = assert!(size_of::<Flow>() == 48);
+const _: () = assert!(size_of::<FlowSlot>() == 64);
 const _: () = assert!(size_of::<CounterKey>() == 44);
 const _: () = assert!(size_of::<Counters>() == 48);
 const _: () = assert!(size_of::<ClientIdentity>() == 16);
@@ -200,8 +239,50 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for FlowSlot {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ClientIdentity {}
     unsafe impl aya::Pod for OrigKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(cookie: u64, state: u32, claimed_ns: u64) -> FlowSlot {
+        FlowSlot {
+            cookie,
+            flow: Flow {
+                state,
+                ..Flow::default()
+            },
+            claimed_ns,
+        }
+    }
+
+    #[test]
+    fn a_slot_is_taken_when_free_ours_or_abandoned_before_the_handshake() {
+        let now = 100 * FLOW_SLOT_ABANDONED_NS;
+        // Free, or this socket's own (a second connect()).
+        assert!(slot_is_ours(&slot(0, FLOW_IN_TCP, now), 7, now));
+        assert!(slot_is_ours(&slot(7, FLOW_IN_TCP, 0), 7, now));
+        // Another socket's flow in TCP: never taken, however old (a
+        // long-lived connection still needs its record).
+        assert!(!slot_is_ours(&slot(3, FLOW_IN_TCP, 0), 7, now));
+        // Another socket's connect that never reached TCP: taken only once
+        // it is older than any handshake start could be.
+        assert!(!slot_is_ours(
+            &slot(3, FLOW_CONNECTING, now - 1_000_000),
+            7,
+            now
+        ));
+        assert!(slot_is_ours(
+            &slot(3, FLOW_CONNECTING, now - FLOW_SLOT_ABANDONED_NS - 1),
+            7,
+            now
+        ));
+        // A clock that went backwards is not an old slot.
+        assert!(!slot_is_ours(&slot(3, FLOW_CONNECTING, now + 5), 7, now));
+    }
 }

@@ -14,6 +14,7 @@ use aya_log_ebpf::debug;
 use canary_common::*;
 
 use crate::{
+    flows,
     maps::*,
     sockops::{STEERED_MARK, count, flags_at_connect},
 };
@@ -155,9 +156,9 @@ fn rewrite<const FAMILY: u8>(
         service,
         backend,
         subset,
-        _pad: 0,
+        state: FLOW_CONNECTING,
     };
-    let _ = FLOWS.insert(&cookie, &flow, 0);
+    flows::record(cookie, &flow);
     if flags_at_connect() {
         mark_steered(ctx);
     }

@@ -2,7 +2,7 @@
 //! module that does one job:
 //!
 //! - `connect`: cgroup connect4/connect6 — VIP:port → subset → endpoint →
-//!   rewrite, and a flow record keyed by socket cookie.
+//!   rewrite, and a flow record keyed by socket cookie (`flows`).
 //! - `peer`: cgroup getpeername4/getpeername6 — show the dialled VIP.
 //! - `sockops`: per-connection counters (opened, closed, failed, bytes).
 //!
@@ -12,6 +12,7 @@
 #![no_main]
 
 mod connect;
+mod flows;
 mod maps;
 mod peer;
 mod sockops;

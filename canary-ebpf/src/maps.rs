@@ -23,10 +23,15 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 pub static MAGLEV: HashMap<MaglevKey, MaglevTable> =
     HashMap::pinned(MAX_MAGLEV_TABLES, BPF_F_NO_PREALLOC);
 
-/// Socket cookie → what connect() chose. LRU so that a lost close event can
-/// never fill the map.
+/// Slot `cookie % MAX_FLOWS` → what connect() chose for that socket (see
+/// `flows`).
 #[map]
-pub static FLOWS: LruHashMap<u64, Flow> = LruHashMap::pinned(MAX_FLOWS, 0);
+pub static FLOW_SLOTS: Array<FlowSlot> = Array::pinned(MAX_FLOWS, 0);
+
+/// Socket cookie → what connect() chose, for sockets whose slot another
+/// live socket holds. LRU so that a lost close event can never fill it.
+#[map]
+pub static FLOWS: LruHashMap<u64, Flow> = LruHashMap::pinned(MAX_FLOW_OVERFLOW, 0);
 
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned(MAX_COUNTERS, 0);

@@ -5,7 +5,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SockAddrCo
 use canary_common::{Backend, FAMILY_V4};
 
 use crate::connect::v6_words;
-use crate::maps::FLOWS;
+use crate::flows;
 
 /// getpeername programs must always return 1.
 const OK: i32 = 1;
@@ -14,7 +14,7 @@ const OK: i32 = 1;
 /// context access must have a constant offset.
 pub fn on_getpeername<const FAMILY: u8>(ctx: &SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(flow) = (unsafe { FLOWS.get(&cookie) }) else {
+    let Some(flow) = flows::get(cookie) else {
         return OK;
     };
     // SAFETY: the kernel hands every sock_addr program a valid context.

@@ -25,7 +25,8 @@ use canary_common::{
 };
 
 use crate::connect::v4_mapped;
-use crate::maps::{COUNTERS, FLOWS, MARK_REFUSED, ORIG_DST};
+use crate::flows;
+use crate::maps::{COUNTERS, MARK_REFUSED, ORIG_DST};
 
 const AF_INET6: u32 = 10;
 
@@ -58,7 +59,8 @@ fn mark_refused() -> bool {
 pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
     match ctx.op() {
         // The SYN is about to leave: ask for state callbacks (for the
-        // close, or a connect that fails), but only for steered sockets.
+        // close, or a connect that fails), but only for steered sockets,
+        // and note that their flow records will now be freed at CLOSE.
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             let flags = ctx.cb_flags() as i32;
             let steered = if flags_at_connect() && !mark_refused() {
@@ -68,6 +70,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
             };
             if steered {
                 let _ = ctx.set_cb_flags(flags | STATE_CB_FLAG);
+                flows::entered_tcp(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
             }
         }
         // Not steered (no state callbacks asked for): nothing to look up.
@@ -98,7 +101,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
                         c.bytes_received += received;
                     }
                 });
-                let _ = FLOWS.remove(&cookie);
+                flows::forget(cookie);
                 if flow.subset == SUBSET_SHIM {
                     let _ = ORIG_DST.remove(&orig_key(ctx));
                 }
@@ -149,8 +152,8 @@ fn orig_key(ctx: &SockOpsContext) -> OrigKey {
 
 fn flow_of(ctx: &SockOpsContext) -> Option<(u64, Flow)> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let flow = unsafe { FLOWS.get(&cookie) }?;
-    Some((cookie, *flow))
+    let flow = flows::get(cookie)?;
+    Some((cookie, flow))
 }
 
 fn key_of(flow: &Flow) -> CounterKey {

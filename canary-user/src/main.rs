@@ -94,6 +94,12 @@ struct AgentArgs {
     /// of by the mark connect4 sets (for tests of that path).
     #[arg(long, hide = true)]
     sockops_lookup: bool,
+    /// How many of the kernel's flow slots to use (1 to 262144, all by
+    /// default); fewer send more flows to the overflow map (for tests of
+    /// that path).
+    #[arg(long, hide = true, default_value_t = canary_common::MAX_FLOWS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(canary_common::MAX_FLOWS)))]
+    flow_slots: u32,
     /// Port of the L7 shim on each client namespace's loopback (127.0.0.1
     /// and ::1), where the kernel sends connections to services that need
     /// HTTP routing.
@@ -181,6 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir: a.state_dir,
                 kernel_log_level: a.kernel_log_level,
                 sockops_lookup: a.sockops_lookup,
+                flow_slots: a.flow_slots,
                 shim_port: a.shim_port,
                 metrics_addr: a.metrics_addr,
                 no_request_metrics: a.no_request_metrics,

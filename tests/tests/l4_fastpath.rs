@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use canary_tests::agent::{Agent, counter_total, destinations};
-use canary_tests::checkout::{vip4, vip6};
+use canary_tests::checkout::{Checkout, vip4, vip6};
 use canary_tests::e2e::*;
 use canary_tests::probe::ProbeArgs;
 use canary_tests::{require_root, unique_prefix};
@@ -204,28 +204,12 @@ for _ in range(400):
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.connect(("::ffff:10.96.0.10", 8080))
     peers.add(s.getpeername()[0])
-    s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    version = data.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+    s.sendall(REQUEST)
+    version = answer(s)
     seen[version] = seen.get(version, 0) + 1
 print(json.dumps({"by_version": seen, "peers": sorted(peers)}))
 "#;
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", script]);
-    let out = canary_tests::run_in(
-        cmd,
-        Some(world.client.netns()),
-        Some(&world.cgroup),
-        Duration::from_secs(60),
-    )
-    .expect("python client");
-    let report: Value = serde_json::from_str(&out).expect("json");
+    let report = python_client(&world, script);
     assert_eq!(
         report["peers"],
         serde_json::json!(["::ffff:10.96.0.10"]),
@@ -236,4 +220,81 @@ print(json.dumps({"by_version": seen, "peers": sorted(peers)}))
     assert_eq!(v1 + v2, 400, "{report}");
     // 90/10 within 4σ (σ = 6 over 400).
     assert!((16..=64).contains(&v2), "v2 answered {v2} of 400: {report}");
+}
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn flows_beyond_the_slots_go_to_the_overflow_map_and_still_show_the_vip_and_count() {
+    require_root();
+    let prefix = unique_prefix();
+    let world = start(&prefix);
+    // One flow slot: of 100 connections held open at once, 99 find it taken
+    // and go to the overflow hash map, as a connection does that outlives
+    // 262,144 newer cookies.
+    let agent = Agent::start_at_with_args(
+        &example("checkout"),
+        world.cgroup.path(),
+        format!("/sys/fs/bpf/canary-test-{prefix}").into(),
+        format!("/run/canary-test-{prefix}").into(),
+        &["--flow-slots", "1"],
+    )
+    .expect("agent");
+    let script = r#"
+import json, socket
+socks = [socket.create_connection(("10.96.0.10", 8080)) for _ in range(100)]
+peers = sorted({s.getpeername()[0] + ":" + str(s.getpeername()[1]) for s in socks})
+seen = {}
+for s in socks:
+    s.sendall(REQUEST)
+for s in socks:
+    version = answer(s)
+    seen[version] = seen.get(version, 0) + 1
+print(json.dumps({"by_version": seen, "peers": peers}))
+"#;
+    let report = python_client(&world, script);
+    assert_eq!(
+        report["peers"],
+        serde_json::json!(["10.96.0.10:8080"]),
+        "getpeername shows the VIP for every flow, slot or overflow: {report}"
+    );
+    let v1 = report["by_version"]["v1"].as_u64().unwrap_or(0);
+    let v2 = report["by_version"]["v2"].as_u64().unwrap_or(0);
+    assert_eq!(v1 + v2, 100, "{report}");
+    let status = wait_status(&agent, "every connection closed", |s| {
+        counter_total(s, HOST, "closed") == 100
+    });
+    assert_eq!(counter_total(&status, HOST, "opened"), 100, "{status:#}");
+    assert_eq!(counter_total(&status, HOST, "failed"), 0, "{status:#}");
+}
+
+/// What every Python client script starts with: the request, and reading
+/// a `canary-backend` answer to the server's close.
+const PYTHON_PRELUDE: &str = r#"
+REQUEST = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+
+def answer(s):
+    """The version that answered on socket s, read to the end; closes s."""
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return data.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+"#;
+
+/// Runs a Python client (after `PYTHON_PRELUDE`) in the client namespace
+/// and cgroup; its one line of JSON output.
+fn python_client(world: &Checkout, script: &str) -> Value {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &format!("{PYTHON_PRELUDE}{script}")]);
+    let out = canary_tests::run_in(
+        cmd,
+        Some(world.client.netns()),
+        Some(&world.cgroup),
+        Duration::from_secs(60),
+    )
+    .expect("python client");
+    serde_json::from_str(&out).expect("json")
 }

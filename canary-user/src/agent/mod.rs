@@ -32,6 +32,8 @@ pub struct AgentOptions {
     pub kernel_log_level: KernelLogLevel,
     /// Force sockops' pre-6.12 way of finding steered sockets (tests).
     pub sockops_lookup: bool,
+    /// Flow slots the kernel uses (fewer only in tests).
+    pub flow_slots: u32,
     /// Port of the shim's listeners on each client namespace's loopback.
     pub shim_port: u16,
     /// `/metrics`, `/healthz`, `/readyz`.
@@ -51,6 +53,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         cgroup: opts.cgroup.clone(),
         log_level: opts.kernel_log_level,
         sockops_lookup: opts.sockops_lookup,
+        flow_slots: opts.flow_slots,
     })?;
     tracing::info!(cgroup = %opts.cgroup.display(), pins = %opts.pin_path.display(), "kernel programs attached");
     if let Some(logger) = logger {

@@ -33,16 +33,19 @@ pub struct DataplaneOptions {
     /// sockops looks every connecting socket up instead of reading the
     /// mark connect4 sets; forced on kernels before 6.12.
     pub sockops_lookup: bool,
+    /// Slots of `FLOW_SLOTS` the programs use, `1..=MAX_FLOWS`.
+    pub flow_slots: u32,
 }
 
 /// Map names, as pinned. Kept in one list so cleanup and compatibility
 /// checks cannot miss one.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     "SERVICES",
     "TABLES",
     "BACKENDS",
     "MAGLEV",
     "FLOWS",
+    "FLOW_SLOTS",
     "COUNTERS",
     "CLIENT_IDS",
     "ORIG_DST",

@@ -55,19 +55,24 @@ const PROGRAMS: [&str; 5] = [
     "canary_sockops",
 ];
 
-/// Expected (key size, value size) of each pinned map.
-fn expected_layout(name: &str) -> (usize, usize) {
+/// Expected (key size, value size, entries) of each pinned map.
+fn expected_layout(name: &str) -> (usize, usize, u32) {
     use canary_common::*;
     match name {
-        "SERVICES" => (size_of::<ServiceKey>(), size_of::<ServiceEntry>()),
-        "TABLES" => (4, size_of::<RouteTable>()),
-        "BACKENDS" => (4, size_of::<Backend>()),
-        "MAGLEV" => (4, size_of::<MaglevTable>()),
-        "FLOWS" => (8, size_of::<Flow>()),
-        "COUNTERS" => (size_of::<CounterKey>(), size_of::<Counters>()),
-        "CLIENT_IDS" => (8, size_of::<ClientIdentity>()),
-        "ORIG_DST" => (size_of::<OrigKey>(), size_of::<ServiceKey>()),
-        _ => (0, 0),
+        "SERVICES" => (
+            size_of::<ServiceKey>(),
+            size_of::<ServiceEntry>(),
+            MAX_SERVICES,
+        ),
+        "TABLES" => (4, size_of::<RouteTable>(), MAX_TABLES),
+        "BACKENDS" => (4, size_of::<Backend>(), MAX_BACKENDS),
+        "MAGLEV" => (4, size_of::<MaglevTable>(), MAX_MAGLEV_TABLES),
+        "FLOW_SLOTS" => (4, size_of::<FlowSlot>(), MAX_FLOWS),
+        "FLOWS" => (8, size_of::<Flow>(), MAX_FLOW_OVERFLOW),
+        "COUNTERS" => (size_of::<CounterKey>(), size_of::<Counters>(), MAX_COUNTERS),
+        "CLIENT_IDS" => (8, size_of::<ClientIdentity>(), MAX_CLIENT_IDENTITIES),
+        "ORIG_DST" => (size_of::<OrigKey>(), size_of::<ServiceKey>(), MAX_ORIG_DST),
+        _ => (0, 0, 0),
     }
 }
 
@@ -81,15 +86,21 @@ fn check_pinned_maps(pin_path: &Path) -> Result<()> {
         }
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("reading pinned map {}", path.display()))?;
-        let (key, value) = expected_layout(name);
-        if info.key_size() as usize != key || info.value_size() as usize != value {
+        let (key, value, entries) = expected_layout(name);
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (key, value, entries) {
             bail!(
-                "pinned map {} has key/value sizes {}/{} but this agent expects {key}/{value}; \
-                 it was made by another canary version. Run `canary agent --cleanup` \
-                 (drops the live routing state) and start again",
+                "pinned map {} has key/value sizes {}/{} and {} entries but this agent expects \
+                 {key}/{value} and {entries}; it was made by another canary version. Run \
+                 `canary agent --cleanup` (drops the live routing state) and start again",
                 path.display(),
-                info.key_size(),
-                info.value_size()
+                found.0,
+                found.1,
+                found.2
             );
         }
     }
@@ -121,6 +132,7 @@ pub fn load_and_attach(opts: &DataplaneOptions) -> Result<Ebpf> {
         .default_map_pin_directory(&opts.pin_path)
         .override_global("AYA_LOG_LEVEL", &level, false)
         .override_global("CB_FLAGS_AT_CONNECT", &flags_at_connect, true)
+        .override_global("FLOW_SLOT_COUNT", &opts.flow_slots, true)
         .load(OBJECT)
         .context("loading canary's kernel object")?;
 
