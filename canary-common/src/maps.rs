@@ -141,25 +141,28 @@ pub const FLOW_IN_TCP: u32 = 1;
 pub struct FlowSlot {
     pub cookie: u64,
     pub flow: Flow,
-    /// When connect4 took the slot (`bpf_ktime_get_coarse_ns`).
-    pub claimed_ns: u64,
+    /// `FLOW_EPOCH` when connect4 took the slot.
+    pub claimed_epoch: u64,
 }
 
-/// A `FLOW_CONNECTING` slot this old belongs to a `connect()` that failed
-/// before the handshake (no route, no free port, another program's veto):
-/// no state callback will ever free it, so connect4 may take it over. The
+/// A `FLOW_CONNECTING` slot this many epochs old (the agent advances
+/// `FLOW_EPOCH` once a second) belongs to a `connect()` that failed before
+/// the handshake (no route, no free port, another program's veto): no
+/// state callback will ever free it, so connect4 may take it over. The
 /// handshake starts microseconds after connect4, in the same system call.
-pub const FLOW_SLOT_ABANDONED_NS: u64 = 60_000_000_000;
+/// (An epoch instead of a clock: reading the kernel's coarse clock was a
+/// tenth of connect4's time.)
+pub const FLOW_SLOT_ABANDONED_EPOCHS: u64 = 60;
 
 /// Whether connect4 may write the flow of socket `cookie` into a slot that
 /// holds `slot` (see `canary-ebpf/src/flows.rs`): the slot is free, is
 /// already this socket's (a second `connect()`), or was abandoned.
 #[inline(always)]
-pub fn slot_is_ours(slot: &FlowSlot, cookie: u64, now_ns: u64) -> bool {
+pub fn slot_is_ours(slot: &FlowSlot, cookie: u64, epoch: u64) -> bool {
     slot.cookie == 0
         || slot.cookie == cookie
         || (slot.flow.state == FLOW_CONNECTING
-            && now_ns.saturating_sub(slot.claimed_ns) > FLOW_SLOT_ABANDONED_NS)
+            && epoch.saturating_sub(slot.claimed_epoch) > FLOW_SLOT_ABANDONED_EPOCHS)
 }
 
 /// Per service, subset and endpoint. An all-zero `backend` is the
@@ -250,20 +253,20 @@ mod pod {
 mod tests {
     use super::*;
 
-    fn slot(cookie: u64, state: u32, claimed_ns: u64) -> FlowSlot {
+    fn slot(cookie: u64, state: u32, claimed_epoch: u64) -> FlowSlot {
         FlowSlot {
             cookie,
             flow: Flow {
                 state,
                 ..Flow::default()
             },
-            claimed_ns,
+            claimed_epoch,
         }
     }
 
     #[test]
     fn a_slot_is_taken_when_free_ours_or_abandoned_before_the_handshake() {
-        let now = 100 * FLOW_SLOT_ABANDONED_NS;
+        let now = 1000;
         // Free, or this socket's own (a second connect()).
         assert!(slot_is_ours(&slot(0, FLOW_IN_TCP, now), 7, now));
         assert!(slot_is_ours(&slot(7, FLOW_IN_TCP, 0), 7, now));
@@ -272,17 +275,18 @@ mod tests {
         assert!(!slot_is_ours(&slot(3, FLOW_IN_TCP, 0), 7, now));
         // Another socket's connect that never reached TCP: taken only once
         // it is older than any handshake start could be.
+        assert!(!slot_is_ours(&slot(3, FLOW_CONNECTING, now - 1), 7, now));
         assert!(!slot_is_ours(
-            &slot(3, FLOW_CONNECTING, now - 1_000_000),
+            &slot(3, FLOW_CONNECTING, now - FLOW_SLOT_ABANDONED_EPOCHS),
             7,
             now
         ));
         assert!(slot_is_ours(
-            &slot(3, FLOW_CONNECTING, now - FLOW_SLOT_ABANDONED_NS - 1),
+            &slot(3, FLOW_CONNECTING, now - FLOW_SLOT_ABANDONED_EPOCHS - 1),
             7,
             now
         ));
-        // A clock that went backwards is not an old slot.
+        // An epoch from a newer agent than the one counting now is not old.
         assert!(!slot_is_ours(&slot(3, FLOW_CONNECTING, now + 5), 7, now));
     }
 }

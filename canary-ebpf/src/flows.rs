@@ -14,10 +14,10 @@
 //! is never freed by a state callback; connect4 takes it over once it is
 //! clearly abandoned (`canary_common::slot_is_ours`).
 
-use aya_ebpf::{Global, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::Global;
 use canary_common::{FLOW_IN_TCP, Flow, FlowSlot, MAX_FLOWS, slot_is_ours};
 
-use crate::maps::{FLOW_SLOTS, FLOWS};
+use crate::maps::{FLOW_EPOCH, FLOW_SLOTS, FLOWS};
 
 /// Slots in use, `1..=MAX_FLOWS`; the agent lowers it only for tests of
 /// the overflow map.
@@ -34,14 +34,14 @@ fn slot_of(cookie: u64) -> Option<*mut FlowSlot> {
 #[inline(always)]
 pub fn record(cookie: u64, flow: &Flow) {
     if let Some(slot) = slot_of(cookie) {
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let epoch = FLOW_EPOCH.get(0).copied().unwrap_or(0);
         // SAFETY: a map value. Another CPU writes this slot only for a
         // cookie equal to ours modulo the slot count, at the same instant:
         // the cookie word is written last, and readers check it.
         unsafe {
-            if slot_is_ours(&*slot, cookie, now) {
+            if slot_is_ours(&*slot, cookie, epoch) {
                 (*slot).flow = *flow;
-                (*slot).claimed_ns = now;
+                (*slot).claimed_epoch = epoch;
                 core::ptr::write_volatile(&raw mut (*slot).cookie, cookie);
                 return;
             }

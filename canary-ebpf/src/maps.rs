@@ -28,6 +28,11 @@ pub static MAGLEV: HashMap<MaglevKey, MaglevTable> =
 #[map]
 pub static FLOW_SLOTS: Array<FlowSlot> = Array::pinned(MAX_FLOWS, 0);
 
+/// Seconds the agent has counted (it adds one every second): how connect4
+/// tells an abandoned flow slot.
+#[map]
+pub static FLOW_EPOCH: Array<u64> = Array::pinned(1, 0);
+
 /// Socket cookie → what connect() chose, for sockets whose slot another
 /// live socket holds. LRU so that a lost close event can never fill it.
 #[map]

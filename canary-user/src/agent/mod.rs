@@ -127,6 +127,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 // listing changes.
                 agent.refresh_namespaces().await;
                 agent.sync_ejections();
+                agent.advance_flow_epoch();
                 agent.expire_idle_upstreams();
                 trimmer.tick(agent.shim_requests());
                 let now = watch::fingerprint(&opts.config);

@@ -173,6 +173,14 @@ impl Agent {
         self.shim.shim.requests_received()
     }
 
+    /// One more second for the kernel's flow slots (see
+    /// `Dataplane::advance_flow_epoch`).
+    pub fn advance_flow_epoch(&self) {
+        if let Err(e) = self.lock().dataplane.advance_flow_epoch() {
+            tracing::warn!("{e:#}");
+        }
+    }
+
     /// Mirrors the shim's outlier ejections into the kernel's tables.
     pub fn sync_ejections(&self) {
         let now: Ejected = self.shim.shim.ejected().into_iter().collect();

@@ -39,13 +39,14 @@ pub struct DataplaneOptions {
 
 /// Map names, as pinned. Kept in one list so cleanup and compatibility
 /// checks cannot miss one.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 10] = [
     "SERVICES",
     "TABLES",
     "BACKENDS",
     "MAGLEV",
     "FLOWS",
     "FLOW_SLOTS",
+    "FLOW_EPOCH",
     "COUNTERS",
     "CLIENT_IDS",
     "ORIG_DST",

@@ -68,6 +68,7 @@ fn expected_layout(name: &str) -> (usize, usize, u32) {
         "BACKENDS" => (4, size_of::<Backend>(), MAX_BACKENDS),
         "MAGLEV" => (4, size_of::<MaglevTable>(), MAX_MAGLEV_TABLES),
         "FLOW_SLOTS" => (4, size_of::<FlowSlot>(), MAX_FLOWS),
+        "FLOW_EPOCH" => (4, 8, 1),
         "FLOWS" => (8, size_of::<Flow>(), MAX_FLOW_OVERFLOW),
         "COUNTERS" => (size_of::<CounterKey>(), size_of::<Counters>(), MAX_COUNTERS),
         "CLIENT_IDS" => (8, size_of::<ClientIdentity>(), MAX_CLIENT_IDENTITIES),

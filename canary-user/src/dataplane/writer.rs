@@ -44,6 +44,7 @@ pub struct Dataplane {
     maglev: HashMap<MapData, MaglevKey, MaglevTable>,
     counters: PerCpuHashMap<MapData, CounterKey, Counters>,
     client_ids: HashMap<MapData, u64, ClientIdentity>,
+    flow_epoch: Array<MapData, u64>,
     installed: StdHashMap<ServiceKey, Installed>,
     table_slots: RangeAllocator,
     backend_slots: RangeAllocator,
@@ -77,6 +78,7 @@ impl Dataplane {
             maglev: HashMap::try_from(take(&mut ebpf, "MAGLEV")?)?,
             counters: PerCpuHashMap::try_from(take(&mut ebpf, "COUNTERS")?)?,
             client_ids: HashMap::try_from(take(&mut ebpf, "CLIENT_IDS")?)?,
+            flow_epoch: Array::try_from(take(&mut ebpf, "FLOW_EPOCH")?)?,
             _ebpf: ebpf,
             installed: StdHashMap::new(),
             table_slots: RangeAllocator::new(MAX_TABLES),
@@ -303,6 +305,17 @@ impl Dataplane {
             changed += 1;
         }
         Ok(changed)
+    }
+
+    /// Counts one more second for connect4's flow slots, which take over a
+    /// slot abandoned before its handshake after
+    /// `FLOW_SLOT_ABANDONED_EPOCHS` of them. Pinned, so a restarted agent
+    /// counts on.
+    pub fn advance_flow_epoch(&mut self) -> Result<()> {
+        let epoch = self.flow_epoch.get(&0, 0).context("reading FLOW_EPOCH")?;
+        self.flow_epoch
+            .set(0, epoch.wrapping_add(1), 0)
+            .context("writing FLOW_EPOCH")
     }
 
     /// Every counter record, summed over CPUs.
