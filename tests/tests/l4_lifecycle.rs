@@ -1,10 +1,13 @@
 //! The data path's life: it outlives the agent (even SIGKILL), a restarted
 //! agent adopts it with the same state, a broken config never reaches it,
-//! and a subset without endpoints fails connections at once.
+//! a subset without endpoints fails connections at once, and a `--cgroup`
+//! that is not one is refused before anything is created.
 //!
 //! Privileged: run with `cargo xtask test` (as root).
 
-use canary_tests::agent::{Agent, counter_total};
+use std::path::PathBuf;
+
+use canary_tests::agent::{Agent, canary_bin, counter_total};
 use canary_tests::checkout::vip4;
 use canary_tests::e2e::*;
 use canary_tests::probe::ProbeArgs;
@@ -165,4 +168,38 @@ fn unready_v2(config: &ConfigCopy) {
     let (head, tail) = text.split_at(doc_start);
     let tail = tail.replacen("status: \"True\"", "status: \"False\"", 1);
     std::fs::write(&path, format!("{head}{tail}")).expect("write");
+}
+
+#[test]
+#[ignore = "privileged: run with cargo xtask test"]
+fn an_agent_given_a_directory_that_is_not_a_cgroup_says_so_and_creates_nothing() {
+    require_root();
+    let prefix = unique_prefix();
+    let plain = std::env::temp_dir().join(format!("canary-not-a-cgroup-{prefix}"));
+    std::fs::create_dir_all(&plain).expect("dir");
+    let pins = PathBuf::from(format!("/sys/fs/bpf/canary-test-{prefix}"));
+    let run = PathBuf::from(format!("/run/canary-test-{prefix}"));
+    let out = std::process::Command::new(canary_bin().expect("canary"))
+        .arg("agent")
+        .arg("--config")
+        .arg(example("checkout"))
+        .arg("--cgroup")
+        .arg(&plain)
+        .arg("--pin-path")
+        .arg(&pins)
+        .arg("--admin-socket")
+        .arg(run.join("canary.sock"))
+        .arg("--state-dir")
+        .arg(run.join("state"))
+        .output()
+        .expect("run canary agent");
+    let _ = std::fs::remove_dir(&plain);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not a cgroup v2 directory") && stderr.contains("cgroup2"),
+        "{stderr}"
+    );
+    assert!(!pins.exists(), "nothing pinned");
+    assert!(!run.exists(), "no state written");
 }

@@ -45,6 +45,8 @@ pub struct AgentOptions {
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
+    // Before anything is created or pinned.
+    crate::dataplane::check_cgroup(&opts.cgroup)?;
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
     check_attachment(&opts)?;

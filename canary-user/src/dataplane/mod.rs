@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 
 pub use encode::{EncodedRoute, addr_words, backend_addr, encode, words_addr};
-pub use programs::KernelLogLevel;
+pub use programs::{KernelLogLevel, check_cgroup};
 pub use sys::cgroup2_mount;
 pub use writer::{ApplyStats, Dataplane};
 

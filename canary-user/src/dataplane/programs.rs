@@ -119,6 +119,19 @@ fn connect_sets_cb_flags() -> bool {
         .unwrap_or(false)
 }
 
+/// Programs attach only to cgroup v2 directories: say so before anything
+/// is loaded or pinned (the kernel's own answer would be `EBADF`).
+pub fn check_cgroup(path: &Path) -> Result<()> {
+    if !sys::is_cgroup2(path) {
+        bail!(
+            "--cgroup {} is not a cgroup v2 directory; give a directory of the cgroup2 \
+             mount (see `grep cgroup2 /proc/self/mounts`; by default canary uses its root)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads the object (reusing pinned maps) and makes sure each program is
 /// attached to the cgroup through a pinned link, swapping in this agent's
 /// program where a link already exists.
@@ -126,6 +139,8 @@ pub fn load_and_attach(opts: &DataplaneOptions) -> Result<Ebpf> {
     if OBJECT.is_empty() {
         bail!("this canary binary was built with AYA_BUILD_SKIP and has no kernel programs");
     }
+    let cgroup = File::open(&opts.cgroup)
+        .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
     check_pinned_maps(&opts.pin_path)?;
     let level = opts.log_level.as_aya();
     let flags_at_connect = u8::from(!opts.sockops_lookup && connect_sets_cb_flags());
@@ -137,8 +152,6 @@ pub fn load_and_attach(opts: &DataplaneOptions) -> Result<Ebpf> {
         .load(OBJECT)
         .context("loading canary's kernel object")?;
 
-    let cgroup = File::open(&opts.cgroup)
-        .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
     for name in PROGRAMS {
         let link_pin = opts.pin_path.join("links").join(name);
         let program = ebpf

@@ -75,13 +75,23 @@ pub fn link_update(link: &OwnedFd, prog: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Is `path` on a BPF filesystem?
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
+    fs_type(path) == Some(BPF_FS_MAGIC)
+}
+
+/// `CGROUP2_SUPER_MAGIC`: programs attach only to cgroup v2 directories.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+pub fn is_cgroup2(path: &Path) -> bool {
+    fs_type(path) == Some(CGROUP2_MAGIC)
+}
+
+/// The file system type (`statfs` magic) of `path`.
+fn fs_type(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: statfs fills the zeroed struct on success.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let ok = unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0;
-    ok && st.f_type as i64 == BPF_FS_MAGIC
+    ok.then_some(st.f_type as i64)
 }
 
 /// `mount -t bpf bpf <path>`.
