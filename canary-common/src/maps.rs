@@ -29,8 +29,11 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_MAGLEV_TABLES: u32 = 8_192;
 /// Slots of `FLOW_SLOTS`: a socket's flow lives in slot `cookie % MAX_FLOWS`.
 pub const MAX_FLOWS: u32 = 262_144;
-/// Entries of `FLOWS`, for the flows whose slot is taken.
-pub const MAX_FLOW_OVERFLOW: u32 = 65_536;
+/// Entries of `FLOWS`, for the flows whose slot is taken. The map is the
+/// one every flow went to before the slots, with the same name and
+/// layout, so an upgraded agent's programs still find (and count the close
+/// of) the connections its predecessor's programs recorded there.
+pub const MAX_FLOW_OVERFLOW: u32 = 262_144;
 pub const MAX_COUNTERS: u32 = 65_536;
 pub const MAX_CLIENT_IDENTITIES: u32 = 16_384;
 pub const MAX_ORIG_DST: u32 = 65_536;
