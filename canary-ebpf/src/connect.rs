@@ -71,12 +71,13 @@ pub fn on_connect<const FAMILY: u8>(ctx: &SockAddrContext) -> i32 {
     // One random number serves both picks: its remainder places the point
     // on the subset bands, its quotient (0..=429,496) picks the endpoint,
     // independent of the remainder. A second helper call cost ~7% of
-    // connect4.
-    let roll = random();
-    let point = if sticky {
-        subset_point(hash)
-    } else {
-        roll % WEIGHT_SCALE
+    // connect4. A sticky table draws only if its subset has no Maglev
+    // table.
+    let roll = (!sticky).then(random);
+    let draw = || roll.unwrap_or_else(random) / WEIGHT_SCALE;
+    let point = match roll {
+        Some(r) => r % WEIGHT_SCALE,
+        None => subset_point(hash),
     };
     let Some(subset) = pick_subset(table, point) else {
         return refuse(ctx, &service, MAX_SUBSETS as u32);
@@ -94,10 +95,10 @@ pub fn on_connect<const FAMILY: u8>(ctx: &SockAddrContext) -> i32 {
                 Some(i) => *i as u32,
                 None => 0,
             },
-            None => roll / WEIGHT_SCALE,
+            None => draw(),
         }
     } else {
-        roll / WEIGHT_SCALE
+        draw()
     };
     let index = pick % slot.backend_count;
     let Some(backend) = BACKENDS.get(slot.backend_base + index) else {

@@ -63,14 +63,14 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> u32 {
         // and note that their flow records will now be freed at CLOSE.
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             let flags = ctx.cb_flags() as i32;
-            let steered = if flags_at_connect() && !mark_refused() {
-                flags & STEERED_MARK != 0
-            } else {
-                flow_of(ctx).is_some()
-            };
-            if steered {
+            let marked = flags_at_connect() && !mark_refused();
+            if marked && flags & STEERED_MARK == 0 {
+                return 1; // not steered: no cookie, no lookup
+            }
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if marked || flows::get(cookie).is_some() {
                 let _ = ctx.set_cb_flags(flags | STATE_CB_FLAG);
-                flows::entered_tcp(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+                flows::entered_tcp(cookie);
             }
         }
         // Not steered (no state callbacks asked for): nothing to look up.

@@ -19,10 +19,10 @@
 //! the median of the rounds. Then the at-once runs: wrk through both
 //! scenarios of a compared pair at the same time (canary attached and the
 //! direct path, the VIPs and the direct path, canary and iptables, 10,000
-//! services and one), whose per-run
-//! ratios hold where sequential rounds swing with the VM; the targets are
-//! judged on them. Then `connect()` timing with `canary-probe
-//! --connect-timing` (interleaved rounds, differences paired by round), and
+//! services and one), whose per-run ratios hold where sequential rounds
+//! swing with the VM; the targets are judged on them. Then `connect()`
+//! timing with `canary-probe --connect-timing` (interleaved rounds,
+//! differences paired by round), and
 //! how fast a `canary weights` change reaches new connections
 //! (`canary-probe --timeline`). Results go to stdout, `target/bench/l4.md`
 //! and `target/bench/l4.json`.
