@@ -13,3 +13,4 @@ pub mod dataplane;
 pub mod metrics;
 pub mod observe;
 pub mod shim;
+pub mod train;

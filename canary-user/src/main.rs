@@ -67,6 +67,18 @@ enum Command {
         #[arg(long, default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// The workload a release build's profile-guided optimisation learns
+    /// from (`cargo xtask build --release` runs it on an instrumented
+    /// build): the shim serving deploy/examples to loopback clients.
+    #[command(hide = true)]
+    PgoTrain {
+        /// Requests of the main phase; the other phases send a share of it.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Kept-alive client connections at once.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+    },
 }
 
 #[derive(Args)]
@@ -242,6 +254,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let response = admin::client::call(&admin_socket, &request)?;
             println!("{}", response.message.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PgoTrain {
+            requests,
+            connections,
+        } => {
+            let reports = canary::train::run(canary::train::TrainOptions {
+                requests,
+                connections,
+            })?;
+            for r in reports {
+                println!(
+                    "pgo-train: {:<48} {:>7} requests in {:>6.2} s, statuses {:?}",
+                    r.name,
+                    r.requests,
+                    r.elapsed.as_secs_f64(),
+                    r.statuses
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {

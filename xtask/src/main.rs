@@ -10,6 +10,7 @@
 mod bench;
 mod bench_l7;
 mod demo;
+mod pgo;
 mod setup;
 
 use std::process::Command;
@@ -31,8 +32,13 @@ enum Cmd {
     Setup,
     /// Build canary (agent with its kernel object, and the test helpers).
     Build {
+        /// Optimised build; canary itself with profile-guided optimisation
+        /// (an instrumented build, a training run, the optimised build).
         #[arg(long)]
         release: bool,
+        /// With --release: skip the profile-guided optimisation.
+        #[arg(long, requires = "release")]
+        no_pgo: bool,
     },
     /// Start the local demo: v1/v2 backends, a client, and the agent.
     Run {
@@ -58,14 +64,18 @@ fn main() -> Result<()> {
             setup::build_tools()?;
             setup::test_tools()
         }
-        Cmd::Build { release } => {
+        Cmd::Build { release, no_pgo } => {
             setup::build_tools()?;
-            build(release)
+            if release {
+                pgo::build_release(!no_pgo)
+            } else {
+                build_debug()
+            }
         }
         Cmd::Run { config } => {
             setup::build_tools()?;
             setup::test_tools()?;
-            build(false)?;
+            build_debug()?;
             demo::run(&config)
         }
         Cmd::Test { filter } => {
@@ -87,14 +97,9 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn build(release: bool) -> Result<()> {
+fn build_debug() -> Result<()> {
     say("building canary (kernel object via canary-user/build.rs) and the test helpers");
-    let mut cmd = cargo();
-    cmd.args(["build", "-p", "canary-user", "-p", "canary-tests", "--bins"]);
-    if release {
-        cmd.arg("--release");
-    }
-    run(&mut cmd)
+    run(cargo().args(["build", "-p", "canary-user", "-p", "canary-tests", "--bins"]))
 }
 
 fn test(filter: Option<String>) -> Result<()> {
@@ -115,7 +120,7 @@ fn test(filter: Option<String>) -> Result<()> {
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     say("unit tests (cargo test)");
     run(cargo().args(["test"]))?;
-    build(false)?;
+    build_debug()?;
     say("privileged end-to-end tests: real agent, real kernel programs, real sockets");
     let mut cmd = cargo();
     cmd.args([

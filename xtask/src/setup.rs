@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 /// the same LLVM major as bpf-linker (see shared KERNEL-NOTES).
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: the LLVM that bpf-linker links against, and the tools
 /// the tests and the demo drive (iproute2 for namespaces, curl and wrk as

@@ -55,7 +55,7 @@ use canary_tests::checkout::{PODS, PORT, VIP4};
 use canary_tests::probe::{ConnectTiming, ProbeArgs, ProbeReport};
 use canary_tests::{ChildGuard, run_in, spawn_in, unique_prefix};
 
-use crate::setup::{self, ensure_packages, say};
+use crate::setup::{ensure_packages, say};
 use iptables::Backend;
 use world::{Client, ClientId, World};
 use wrk::{Load, Mode, WrkResult};
@@ -574,19 +574,10 @@ pub(crate) fn release_bin_finder(
 ) -> Result<impl Fn(&str) -> Result<PathBuf>> {
     if build {
         say(
-            "bench: building release binaries (canary with its kernel object, backend, probe, http client)",
+            "bench: building release binaries (canary with its kernel object and profile-guided \
+             optimisation, backend, probe, http client)",
         );
-        setup::run(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-                "build",
-                "--release",
-                "-p",
-                "canary-user",
-                "-p",
-                "canary-tests",
-                "--bins",
-            ]),
-        )?;
+        crate::pgo::build_release(true)?;
     }
     let dir = std::fs::canonicalize(PathBuf::from(target_dir()).join("release"))
         .with_context(|| format!("no target/release: build first (drop {skip_flag})"))?;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -123,21 +123,8 @@ async fn backend(addr: SocketAddr, name: &'static str, handler: Option<Handler>)
     Backend { hits, conns, seen }
 }
 
-struct PlainConnector;
-
-impl Connector for PlainConnector {
-    fn connect(
-        &self,
-        _netns: u64,
-        addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>> {
-        Box::pin(async move {
-            let s = TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            Ok(s)
-        })
-    }
-}
+/// Upstream connections straight to the loopback pods.
+use crate::train::Loopback;
 
 #[derive(Default)]
 struct Recorder {
@@ -175,7 +162,7 @@ struct World {
 impl World {
     async fn new(cfg: LoadedConfig, options: ShimOptions, source: Option<SourcePod>) -> World {
         let recorder = Arc::new(Recorder::default());
-        let shim = Shim::new(options, Arc::new(PlainConnector), recorder.clone());
+        let shim = Shim::new(options, Arc::new(Loopback), recorder.clone());
         let table = compile(&cfg);
         let warnings = shim.update(&cfg, &table);
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -802,13 +789,7 @@ spec:
 
 // === gRPC over h2c ===
 
-fn grpc_frame(msg: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + msg.len());
-    b.put_u8(0);
-    b.put_u32(msg.len() as u32);
-    b.put_slice(msg);
-    b.freeze()
-}
+use crate::train::grpc_frame;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_over_h2c_is_routed_by_header_and_retried_on_unavailable() {
@@ -947,11 +928,7 @@ spec:
     text.push_str(vs);
     let cfg = load_str("test.yaml", &localize(&text, net)).unwrap_or_else(|e| panic!("{e}"));
     let recorder = Arc::new(Recorder::default());
-    let shim = Shim::new(
-        ShimOptions::default(),
-        Arc::new(PlainConnector),
-        recorder.clone(),
-    );
+    let shim = Shim::new(ShimOptions::default(), Arc::new(Loopback), recorder.clone());
     shim.update(&cfg, &compile(&cfg));
     let w = World {
         front: {
@@ -1505,7 +1482,7 @@ fn idle_connections_hold_a_small_service_future() {
     }
     let shim = Shim::new(
         ShimOptions::default(),
-        Arc::new(PlainConnector),
+        Arc::new(Loopback),
         Arc::new(Recorder::default()),
     );
     let ctx = Arc::new(ConnCtx {
@@ -1541,7 +1518,7 @@ fn idle_connections_hold_a_small_service_future() {
 async fn idle_connections_are_small_tasks() {
     let shim = Shim::new(
         ShimOptions::default(),
-        Arc::new(PlainConnector),
+        Arc::new(Loopback),
         Arc::new(Recorder::default()),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1613,7 +1590,7 @@ fn a_connection_pool_duration_that_is_not_one_is_named_and_defaulted() {
     let cfg = load(&localize(&yaml, 18));
     let shim = Shim::new(
         ShimOptions::default(),
-        Arc::new(PlainConnector),
+        Arc::new(Loopback),
         Arc::new(Recorder::default()),
     );
     let warnings = shim.update(&cfg, &compile(&cfg));
