@@ -95,9 +95,10 @@ pub(crate) async fn serve(shim: &Arc<Shim>, ctx: &ConnCtx, mut io: TcpStream) ->
             });
         };
         buf.advance(head.len);
-        // Boxed: an idle connection's task holds only what waiting for
-        // the next head needs, not the request's future (several KiB).
-        if !Box::pin(answer(shim, ctx, &mut io, head)).await {
+        // Not boxed: a box per request cost a 4.4 KB allocation and the
+        // copy of the request's future into it (~3% of the shim's CPU);
+        // inline, an idle connection's task is that much bigger instead.
+        if !answer(shim, ctx, &mut io, head).await {
             return Served::Closed;
         }
     }
