@@ -266,9 +266,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             for r in reports {
                 println!(
-                    "pgo-train: {:<48} {:>7} requests in {:>6.2} s, statuses {:?}",
+                    "pgo-train: {:<48} {:>7} requests ({} at the pods) in {:>6.2} s, statuses {:?}",
                     r.name,
                     r.requests,
+                    r.served,
                     r.elapsed.as_secs_f64(),
                     r.statuses
                 );

@@ -62,13 +62,10 @@ fn build_canary_pgo() -> Result<()> {
         "release build 1/4: instrumented canary (-Cprofile-generate) in {}",
         instrumented.display()
     ));
-    run(crate::cargo()
-        .args(["build", "--release", "-p", "canary-user", "--target-dir"])
-        .arg(&instrumented)
-        .args([
-            "--config",
-            &host_rustflags(&format!("-Cprofile-generate={}", raw.display()))?,
-        ]))?;
+    build_canary(
+        &instrumented,
+        &format!("-Cprofile-generate={}", raw.display()),
+    )?;
 
     // Build scripts are instrumented too and wrote profiles while building;
     // only the training run's belong in the merge.
@@ -104,13 +101,7 @@ fn build_canary_pgo() -> Result<()> {
         "release build 4/4: canary optimised with the profile (-Cprofile-use) in {}",
         optimized.display()
     ));
-    run(crate::cargo()
-        .args(["build", "--release", "-p", "canary-user", "--target-dir"])
-        .arg(&optimized)
-        .args([
-            "--config",
-            &host_rustflags(&format!("-Cprofile-use={}", merged.display()))?,
-        ]))?;
+    build_canary(&optimized, &format!("-Cprofile-use={}", merged.display()))?;
     let release = target.join("release");
     std::fs::create_dir_all(&release)?;
     install(&optimized.join("release/canary"), &release.join("canary"))?;
@@ -121,11 +112,16 @@ fn build_canary_pgo() -> Result<()> {
     Ok(())
 }
 
-/// `--config` value setting rustflags for the host target only (not the
-/// eBPF object, which canary-user's build.rs builds with its own cargo).
-fn host_rustflags(flag: &str) -> Result<String> {
+/// A release build of canary in `target_dir` with `flag` in the rustflags
+/// of the host target only (not the eBPF object, which canary-user's
+/// build.rs builds with its own cargo).
+fn build_canary(target_dir: &Path, flag: &str) -> Result<()> {
     let host = rustc_field("host")?;
-    Ok(format!("target.{host}.rustflags=[\"{flag}\"]"))
+    run(crate::cargo()
+        .args(["build", "--release", "-p", "canary-user", "--target-dir"])
+        .arg(target_dir)
+        .arg("--config")
+        .arg(format!("target.{host}.rustflags=[\"{flag}\"]")))
 }
 
 fn rustc_field(name: &str) -> Result<String> {

@@ -289,9 +289,7 @@ fn examples(name: &str) -> String {
 
 /// Pod IPs 10.77.0.x → 127.`net`.0.x, and the pods' port → `POD_PORT`.
 fn localize(yaml: &str, net: u8) -> String {
-    yaml.replace("10.77.0.", &format!("127.{net}.0."))
-        .replace("targetPort: 8080", &format!("targetPort: {POD_PORT}"))
-        .replace("containerPort: 8080", &format!("containerPort: {POD_PORT}"))
+    crate::train::localize(yaml, net, POD_PORT)
 }
 
 fn load(yaml: &str) -> LoadedConfig {
