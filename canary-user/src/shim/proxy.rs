@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -174,21 +174,59 @@ struct Req<'a> {
     attempts: u32,
 }
 
+/// A request matched to a forwarding route: everything `forward` needs.
+pub(crate) struct Routed<'a> {
+    r: Req<'a>,
+    svc: &'a ServiceRoutes,
+    route: &'a Route,
+    f: &'a Forward,
+    parts: Parts,
+    authority: String,
+}
+
+/// What routing made of a request.
+pub(crate) enum Decision<'a> {
+    /// Answered by the shim itself (no route, redirect, direct response).
+    Answered(Response<RespBody>),
+    /// To be sent upstream by `Shim::forward`.
+    Forward(Routed<'a>),
+}
+
 impl Shim {
     /// Answers one request; `body` is `None` for a request without one.
-    /// Both servers (`h1::serve` and hyper's) come through here, so this
-    /// is where requests are counted (the idle checks read the counts).
+    /// hyper's server comes through here; the HTTP/1.1 loop calls `route`
+    /// and `forward` itself (one future fewer to move per request).
     pub(crate) async fn handle(
         self: &Arc<Self>,
         parts: Parts,
         body: Option<Incoming>,
         conn: &ConnCtx,
     ) -> Response<RespBody> {
+        // One atomic load; this request keeps these routes to its end.
+        let table = self.routes();
+        match self.route(&table, parts, conn) {
+            Decision::Answered(resp) => resp,
+            Decision::Forward(job) => self.forward(job, body).await,
+        }
+    }
+
+    /// The route table requests are matched against now.
+    pub(crate) fn routes(&self) -> Arc<super::table::Table> {
+        self.table.load_full()
+    }
+
+    /// Matches a request against `table`'s routes (first match wins) and
+    /// answers it if the shim itself must; this is where requests are
+    /// counted (the idle checks read the counts).
+    pub(crate) fn route<'a>(
+        &self,
+        table: &'a super::table::Table,
+        parts: Parts,
+        conn: &'a ConnCtx,
+    ) -> Decision<'a> {
         let start = Instant::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
         conn.requests.fetch_add(1, Ordering::Relaxed);
-        // One atomic load; this request keeps these routes to its end.
-        let table = self.table.load_full();
         let grpc = is_grpc(&parts.headers);
         let mut r = Req {
             conn,
@@ -204,7 +242,7 @@ impl Shim {
         let Some(svc) = table.services.get(&conn.info.orig_dst) else {
             // Not a service of the current config (it just went away).
             r.flags.set(Flags::NR);
-            return self.local_unrouted(&r, StatusCode::NOT_FOUND);
+            return Decision::Answered(self.local_unrouted(&r, StatusCode::NOT_FOUND));
         };
         let authority = authority_of(&parts);
         let view = RequestView {
@@ -219,21 +257,22 @@ impl Shim {
             .routes
             .iter()
             .find(|rt| rt.matches.is_empty() || rt.matches.iter().any(|m| m.matches(&view)));
-        let Some(route) = route else {
-            r.flags.set(Flags::NR);
-            let t = Target {
-                service: svc,
-                dest: None,
-                endpoint: None,
-            };
-            return self.local(&r, &t, StatusCode::NOT_FOUND, None, Bytes::new());
-        };
         let t = Target {
             service: svc,
             dest: None,
             endpoint: None,
         };
-        match &route.action {
+        let Some(route) = route else {
+            r.flags.set(Flags::NR);
+            return Decision::Answered(self.local(
+                &r,
+                &t,
+                StatusCode::NOT_FOUND,
+                None,
+                Bytes::new(),
+            ));
+        };
+        Decision::Answered(match &route.action {
             Action::Redirect(rd) => {
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 let location = rd.location(&authority, pq);
@@ -247,21 +286,34 @@ impl Shim {
                 )
             }
             Action::Direct(d) => self.local(&r, &t, d.status, None, d.body.clone()),
-            Action::Forward(f) => self.forward(r, svc, route, f, parts, body, authority).await,
-        }
+            Action::Forward(f) => {
+                return Decision::Forward(Routed {
+                    r,
+                    svc,
+                    route,
+                    f,
+                    parts,
+                    authority,
+                });
+            }
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    /// Sends a routed request upstream (with its mirrors, retries and
+    /// timeouts) and returns the response to give the client.
+    pub(crate) async fn forward(
         self: &Arc<Self>,
-        mut r: Req<'_>,
-        svc: &ServiceRoutes,
-        route: &Route,
-        f: &Forward,
-        mut parts: Parts,
+        job: Routed<'_>,
         body: Option<Incoming>,
-        mut authority: String,
     ) -> Response<RespBody> {
+        let Routed {
+            mut r,
+            svc,
+            route,
+            f,
+            mut parts,
+            mut authority,
+        } = job;
         let conn = r.conn;
         let client_ip = conn.info.client_ip.unwrap_or(conn.info.peer.ip());
         let (hash, new_cookie) = match &f.hash {
@@ -641,7 +693,9 @@ impl Shim {
             response_code: status.as_u16(),
             grpc_status: None,
             response_flags: r.flags.render(),
-            duration: r.start.elapsed(),
+            // Set when the response ends (`local`, or the body's `Finish`):
+            // a clock read here would be overwritten.
+            duration: Duration::ZERO,
             request_bytes: r.request_bytes,
             response_bytes: 0,
             mirrored: false,
@@ -664,6 +718,7 @@ impl Shim {
             return self.grpc_local(r, t, grpc_for_http(status));
         }
         let mut record = self.record(r, t, status);
+        record.duration = r.start.elapsed();
         let mut resp = Response::new(RespBody::full(body.clone()));
         *resp.status_mut() = status;
         if let Some((k, v)) = extra {
@@ -680,6 +735,7 @@ impl Shim {
 
     fn grpc_local(&self, r: &Req<'_>, t: &Target<'_>, code: u32) -> Response<RespBody> {
         let mut record = self.record(r, t, StatusCode::OK);
+        record.duration = r.start.elapsed();
         record.grpc_status = Some(code.to_string());
         let mut resp = Response::new(RespBody::empty());
         let h = resp.headers_mut();

@@ -59,7 +59,10 @@ pub(super) fn header_map(
     fields: &[httparse::Header<'_>],
     what: &str,
 ) -> Result<HeaderMap, BoxError> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    // One spare entry: a map exactly full grows (a reallocation and a
+    // rehash) on the next insert, even one that replaces a field, as the
+    // shim's `host` does for every request.
+    let mut map = HeaderMap::with_capacity(fields.len() + 1);
     for f in fields {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| format!("bad {what} name {:?}", f.name))?;

@@ -1513,7 +1513,9 @@ fn idle_connections_hold_a_small_service_future() {
 /// the HTTP/1.1 connection is held inline with its request's future (a
 /// boxed request future cost a 4.4 KB allocation and copy per request,
 /// ~3% of the shim's CPU), the rarer h2c and undecided ones are boxed.
-/// The bound catches growth: at 1000 idle connections each KiB is 1 MiB.
+/// The HTTP/1.1 loop routes and forwards in its own body (5.1 KB; 5.6 KB
+/// when each request went through two more async functions). The bound
+/// catches growth: at 1000 idle connections each KiB is 1 MiB.
 #[tokio::test]
 async fn idle_connections_are_small_tasks() {
     let shim = Shim::new(
@@ -1534,7 +1536,7 @@ async fn idle_connections_are_small_tasks() {
     };
     let task = shim.clone().serve_connection(stream, conn);
     let size = std::mem::size_of_val(&task);
-    assert!(size <= 5760, "serve_connection future {size} bytes");
+    assert!(size <= 5248, "serve_connection future {size} bytes");
 }
 
 /// A pooled upstream connection is reused until it has been idle for the
