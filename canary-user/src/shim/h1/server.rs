@@ -5,11 +5,12 @@
 //! the response through a second buffer; this loop does what the shim
 //! needs for the requests that make up most traffic, HTTP/1.1 requests
 //! without a body (GET, HEAD, DELETE, …): parse the head with httparse,
-//! route it with `Shim::handle`, and write the response head together
-//! with the body bytes already at hand, in one write. The first request it
-//! does not take (one with a body, HTTP/1.0, `Expect`, `Upgrade`,
-//! `CONNECT`, or a `Content-Length` other than 0) hands the connection,
-//! with the bytes read so far, to hyper, which serves it from then on.
+//! route it with `Shim::route`, send it with `Shim::forward`, and write
+//! the response head together with the body bytes already at hand, in
+//! one write. The first request it does not take (one with a body,
+//! HTTP/1.0, `Expect`, `Upgrade`, `CONNECT`, or a `Content-Length` other
+//! than 0) hands the connection, with the bytes read so far, to hyper,
+//! which serves it from then on.
 //!
 //! Requests are answered in order, so pipelined requests work. A head
 //! that does not parse gets 400, one over 64 KiB or 100 fields 431, as
