@@ -35,9 +35,6 @@ pub const MAX_FLOWS: u32 = 262_144;
 /// of) the connections its predecessor's programs recorded there.
 pub const MAX_FLOW_OVERFLOW: u32 = 262_144;
 pub const MAX_COUNTERS: u32 = 65_536;
-/// Slots of `COUNTER_SLOTS` (a power of two): the counters of the keys the
-/// agent placed there, found by `counter_slot_of` without a hash lookup.
-pub const COUNTER_SLOT_COUNT: u32 = 16_384;
 pub const MAX_CLIENT_IDENTITIES: u32 = 16_384;
 pub const MAX_ORIG_DST: u32 = 65_536;
 
@@ -200,40 +197,6 @@ pub struct Counters {
     pub bytes_received: u64,
 }
 
-/// One slot of `COUNTER_SLOTS`: the counters of `key`, the key the agent
-/// placed in slot `counter_slot_of(key)` (all zero: no key yet).
-///
-/// Why: every steered connection updates its counters twice (opened, then
-/// closed). In `COUNTERS`, a per-CPU hash map, each update is a helper call
-/// that hashes the 44-byte key and walks a bucket; a per-CPU array lookup
-/// is inlined by the verifier, which made about 0.7 points of the new
-/// connection rate against a direct connection. The agent writes each key
-/// it installs into its slot before the route goes live; a key whose slot
-/// another key holds keeps using `COUNTERS`, and the agent sums both.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CounterSlot {
-    pub key: CounterKey,
-    pub _pad: u32,
-    pub counters: Counters,
-}
-
-/// The `COUNTER_SLOTS` slot of `key`: murmur3's finaliser over the words
-/// that tell keys apart, masked to the (power of two) slot count, so the
-/// verifier sees the bound.
-#[inline(always)]
-pub const fn counter_slot_of(key: &CounterKey) -> u32 {
-    use crate::hash::fmix32;
-    let s = &key.service;
-    let b = &key.backend;
-    let mut h = fmix32(key.subset ^ 0x9747_b28c);
-    h = fmix32(h ^ s.addr[0] ^ s.addr[3]);
-    h = fmix32(h ^ (s.port as u32) ^ ((s.family as u32) << 16));
-    h = fmix32(h ^ b.addr[0] ^ b.addr[1]);
-    h = fmix32(h ^ b.addr[2] ^ b.addr[3] ^ ((b.port as u32) << 16));
-    h & (COUNTER_SLOT_COUNT - 1)
-}
-
 /// A connection the shim accepts, as the shim sees it: the client's
 /// network namespace and its address and port (the shim listens on the
 /// client's own loopback, so addresses alone repeat across namespaces).
@@ -267,8 +230,6 @@ const _: () = assert!(size_of::<Flow>() == 48);
 const _: () = assert!(size_of::<FlowSlot>() == 64);
 const _: () = assert!(size_of::<CounterKey>() == 44);
 const _: () = assert!(size_of::<Counters>() == 48);
-const _: () = assert!(size_of::<CounterSlot>() == 96);
-const _: () = assert!(COUNTER_SLOT_COUNT.is_power_of_two());
 const _: () = assert!(size_of::<ClientIdentity>() == 16);
 const _: () = assert!(size_of::<OrigKey>() == 32);
 
@@ -287,7 +248,6 @@ mod pod {
     unsafe impl aya::Pod for FlowSlot {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for Counters {}
-    unsafe impl aya::Pod for CounterSlot {}
     unsafe impl aya::Pod for ClientIdentity {}
     unsafe impl aya::Pod for OrigKey {}
 }
@@ -331,47 +291,5 @@ mod tests {
         ));
         // An epoch from a newer agent than the one counting now is not old.
         assert!(!slot_is_ours(&slot(3, FLOW_CONNECTING, now + 5), 7, now));
-    }
-
-    #[test]
-    fn counter_slots_spread_the_keys_of_a_large_node() {
-        // 1000 services on consecutive cluster IPs, 2 subsets of 3
-        // endpoints each on consecutive pod IPs: 6000 keys in 16384 slots.
-        // The first key placed in a slot keeps it; with random placement
-        // ~84% of the keys get one (1 - e^(-6000/16384) of the slots are
-        // used). A key without one falls back to the hash map.
-        let mut used = [0u8; COUNTER_SLOT_COUNT as usize];
-        let mut keys = 0;
-        for svc in 0..1000u32 {
-            let service = ServiceKey {
-                addr: [(0x0a60_0000 + svc).to_be(), 0, 0, 0],
-                port: 8080u16.to_be(),
-                family: FAMILY_V4,
-                proto: PROTO_TCP,
-            };
-            for subset in 0..2u32 {
-                for ep in 0..3u32 {
-                    let backend = Backend {
-                        addr: [(0x0a00_0000 + svc * 8 + subset * 3 + ep).to_be(), 0, 0, 0],
-                        port: 8080u16.to_be(),
-                        family: FAMILY_V4,
-                        _pad: 0,
-                    };
-                    let slot = counter_slot_of(&CounterKey {
-                        service,
-                        backend,
-                        subset,
-                    });
-                    assert!(slot < COUNTER_SLOT_COUNT);
-                    used[slot as usize] = used[slot as usize].saturating_add(1);
-                    keys += 1;
-                }
-            }
-        }
-        let placed = used.iter().filter(|n| **n > 0).count();
-        assert!(
-            placed * 100 >= keys * 82,
-            "{placed} of {keys} keys get a slot"
-        );
     }
 }

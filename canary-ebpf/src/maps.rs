@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
 use canary_common::*;
 
@@ -38,14 +38,8 @@ pub static FLOW_EPOCH: Array<u64> = Array::pinned(1, 0);
 #[map]
 pub static FLOWS: LruHashMap<u64, Flow> = LruHashMap::pinned(MAX_FLOW_OVERFLOW, 0);
 
-/// Counters by key, for the keys without a slot in `COUNTER_SLOTS`.
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned(MAX_COUNTERS, 0);
-
-/// Counters of the keys the agent placed, in slot `counter_slot_of(key)`
-/// (see `canary_common::CounterSlot`).
-#[map]
-pub static COUNTER_SLOTS: PerCpuArray<CounterSlot> = PerCpuArray::pinned(COUNTER_SLOT_COUNT, 0);
 
 /// Network namespace cookie → the pod address the agent resolved for it.
 #[map]

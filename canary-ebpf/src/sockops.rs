@@ -20,13 +20,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use canary_common::{
-    CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM, counter_slot_of,
+    CounterKey, Counters, FAMILY_V4, FAMILY_V6, Flow, OrigKey, SUBSET_SHIM,
     tcp::payload_at_tcp_close,
 };
 
 use crate::connect::v4_mapped;
 use crate::flows;
-use crate::maps::{COUNTER_SLOTS, COUNTERS, MARK_REFUSED, ORIG_DST};
+use crate::maps::{COUNTERS, MARK_REFUSED, ORIG_DST};
 
 const AF_INET6: u32 = 10;
 
@@ -164,21 +164,9 @@ fn key_of(flow: &Flow) -> CounterKey {
     }
 }
 
-/// Applies `update` to this CPU's counters for `key`: in its slot of
-/// `COUNTER_SLOTS` if the agent placed it there (an inlined array lookup),
-/// else in `COUNTERS`, creating them first.
+/// Applies `update` to this CPU's counters for `key`, creating them first.
 #[inline(always)]
 pub fn count(key: &CounterKey, update: impl FnOnce(&mut Counters)) {
-    if let Some(slot) = COUNTER_SLOTS.get_ptr_mut(counter_slot_of(key)) {
-        // SAFETY: this CPU's copy of a per-CPU value (as below); the agent
-        // writes a slot's key only while the slot is empty, and a torn read
-        // of it matches no key.
-        let slot = unsafe { &mut *slot };
-        if slot.key == *key {
-            update(&mut slot.counters);
-            return;
-        }
-    }
     let ptr = match COUNTERS.get_ptr_mut(key) {
         Some(p) => p,
         None => {

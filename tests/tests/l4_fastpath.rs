@@ -147,18 +147,6 @@ fn sockops_counters_equal_the_connections_made() {
     let sent = counter_total(&status, HOST, "bytes_sent");
     assert_eq!(received, made.bytes.received, "bytes received");
     assert_eq!(sent, made.bytes.sent, "bytes sent");
-    // Every endpoint's key got its own slot in COUNTER_SLOTS (the example's
-    // fixed addresses: three pods, two addresses each, in distinct slots),
-    // so the programs counted all of the above there and nothing in the
-    // hash map that keys without a slot fall back to.
-    let dump = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(agent.pin_path.join("COUNTERS"))
-        .output()
-        .expect("bpftool");
-    assert!(dump.status.success(), "{dump:?}");
-    let entries: Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
-    assert_eq!(entries.as_array().map(Vec::len), Some(0), "{entries:#}");
 }
 
 #[test]

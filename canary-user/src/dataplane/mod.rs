@@ -39,7 +39,7 @@ pub struct DataplaneOptions {
 
 /// Map names, as pinned. Kept in one list so cleanup and compatibility
 /// checks cannot miss one.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 10] = [
     "SERVICES",
     "TABLES",
     "BACKENDS",
@@ -48,7 +48,6 @@ pub const MAP_NAMES: [&str; 11] = [
     "FLOW_SLOTS",
     "FLOW_EPOCH",
     "COUNTERS",
-    "COUNTER_SLOTS",
     "CLIENT_IDS",
     "ORIG_DST",
 ];

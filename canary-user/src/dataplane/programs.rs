@@ -71,7 +71,6 @@ fn expected_layout(name: &str) -> (usize, usize, u32) {
         "FLOW_EPOCH" => (4, 8, 1),
         "FLOWS" => (8, size_of::<Flow>(), MAX_FLOW_OVERFLOW),
         "COUNTERS" => (size_of::<CounterKey>(), size_of::<Counters>(), MAX_COUNTERS),
-        "COUNTER_SLOTS" => (4, size_of::<CounterSlot>(), COUNTER_SLOT_COUNT),
         "CLIENT_IDS" => (8, size_of::<ClientIdentity>(), MAX_CLIENT_IDENTITIES),
         "ORIG_DST" => (size_of::<OrigKey>(), size_of::<ServiceKey>(), MAX_ORIG_DST),
         _ => (0, 0, 0),

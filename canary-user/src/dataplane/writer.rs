@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
 };
 use canary_common::*;
 
@@ -43,10 +43,6 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     maglev: HashMap<MapData, MaglevKey, MaglevTable>,
     counters: PerCpuHashMap<MapData, CounterKey, Counters>,
-    counter_slots: PerCpuArray<MapData, CounterSlot>,
-    /// The keys placed in `COUNTER_SLOTS`, by slot. Never removed: like
-    /// `COUNTERS`' entries, a key's counts outlive its route.
-    slot_keys: StdHashMap<u32, CounterKey>,
     client_ids: HashMap<MapData, u64, ClientIdentity>,
     flow_epoch: Array<MapData, u64>,
     installed: StdHashMap<ServiceKey, Installed>,
@@ -81,8 +77,6 @@ impl Dataplane {
             backends: Array::try_from(take(&mut ebpf, "BACKENDS")?)?,
             maglev: HashMap::try_from(take(&mut ebpf, "MAGLEV")?)?,
             counters: PerCpuHashMap::try_from(take(&mut ebpf, "COUNTERS")?)?,
-            counter_slots: PerCpuArray::try_from(take(&mut ebpf, "COUNTER_SLOTS")?)?,
-            slot_keys: StdHashMap::new(),
             client_ids: HashMap::try_from(take(&mut ebpf, "CLIENT_IDS")?)?,
             flow_epoch: Array::try_from(take(&mut ebpf, "FLOW_EPOCH")?)?,
             _ebpf: ebpf,
@@ -135,43 +129,6 @@ impl Dataplane {
                 "adopted live routes from pinned maps"
             );
         }
-        self.adopt_counter_slots()
-    }
-
-    /// Learns which keys a previous agent placed in `COUNTER_SLOTS`.
-    fn adopt_counter_slots(&mut self) -> Result<()> {
-        for slot in 0..COUNTER_SLOT_COUNT {
-            let values = self
-                .counter_slots
-                .get(&slot, 0)
-                .context("reading COUNTER_SLOTS")?;
-            // The agent writes a key into every CPU's copy at once, and
-            // the programs never write keys.
-            if let Some(v) = values.iter().find(|v| v.key != CounterKey::default()) {
-                self.slot_keys.insert(slot, v.key);
-            }
-        }
-        Ok(())
-    }
-
-    /// Gives `key` its slot in `COUNTER_SLOTS` if the slot is free, before
-    /// any connection can count against it; a key whose slot another key
-    /// holds is counted in `COUNTERS` by the programs.
-    fn place_counter(&mut self, key: CounterKey) -> Result<()> {
-        let slot = counter_slot_of(&key);
-        if self.slot_keys.contains_key(&slot) {
-            return Ok(());
-        }
-        let value = CounterSlot {
-            key,
-            ..Default::default()
-        };
-        let values = PerCpuValues::try_from(vec![value; aya::util::nr_cpus().map_err(|(_, e)| e)?])
-            .context("building COUNTER_SLOTS values")?;
-        self.counter_slots
-            .set(slot, values, 0)
-            .context("writing COUNTER_SLOTS")?;
-        self.slot_keys.insert(slot, key);
         Ok(())
     }
 
@@ -265,11 +222,6 @@ impl Dataplane {
         let mut next = base;
         for (i, subset) in route.subsets.iter().enumerate() {
             for (j, b) in subset.backends.iter().enumerate() {
-                self.place_counter(CounterKey {
-                    service: route.key,
-                    backend: *b,
-                    subset: i as u32,
-                })?;
                 self.backends
                     .set(next + j as u32, *b, 0)
                     .context("writing BACKENDS")?;
@@ -366,43 +318,24 @@ impl Dataplane {
             .context("writing FLOW_EPOCH")
     }
 
-    /// Every counter record, summed over CPUs and over the two maps a key
-    /// may have counts in (its slot, and `COUNTERS` from before it had one
-    /// or from a previous agent).
+    /// Every counter record, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(CounterKey, Counters)>> {
-        let mut sums: StdHashMap<CounterKey, Counters> = StdHashMap::new();
+        let mut out = Vec::new();
         for item in self.counters.iter() {
             let (key, per_cpu) = item.context("reading COUNTERS")?;
-            let sum = sums.entry(key).or_default();
-            per_cpu.iter().for_each(|c| add(sum, c));
-        }
-        for (slot, key) in &self.slot_keys {
-            let per_cpu = self
-                .counter_slots
-                .get(slot, 0)
-                .context("reading COUNTER_SLOTS")?;
-            let mut slot_sum = Counters::default();
-            per_cpu
-                .iter()
-                .filter(|v| v.key == *key)
-                .for_each(|v| add(&mut slot_sum, &v.counters));
-            // A placed key no connection has counted against yet is not a
-            // record (as in `COUNTERS`, where it would have no entry).
-            if slot_sum != Counters::default() {
-                add(sums.entry(*key).or_default(), &slot_sum);
+            let mut sum = Counters::default();
+            for c in per_cpu.iter() {
+                sum.opened += c.opened;
+                sum.closed += c.closed;
+                sum.failed += c.failed;
+                sum.no_endpoint += c.no_endpoint;
+                sum.bytes_sent += c.bytes_sent;
+                sum.bytes_received += c.bytes_received;
             }
+            out.push((key, sum));
         }
-        Ok(sums.into_iter().collect())
+        Ok(out)
     }
-}
-
-fn add(sum: &mut Counters, c: &Counters) {
-    sum.opened += c.opened;
-    sum.closed += c.closed;
-    sum.failed += c.failed;
-    sum.no_endpoint += c.no_endpoint;
-    sum.bytes_sent += c.bytes_sent;
-    sum.bytes_received += c.bytes_received;
 }
 
 fn service_entry(table: u32, route: Option<&EncodedRoute>) -> ServiceEntry {
