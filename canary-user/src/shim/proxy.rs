@@ -272,31 +272,31 @@ impl Shim {
                 Bytes::new(),
             ));
         };
-        Decision::Answered(match &route.action {
+        match &route.action {
             Action::Redirect(rd) => {
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 let location = rd.location(&authority, pq);
                 let loc = HeaderValue::from_str(&location).ok();
-                self.local(
+                Decision::Answered(self.local(
                     &r,
                     &t,
                     rd.code,
                     loc.map(|l| (header::LOCATION, l)),
                     Bytes::new(),
-                )
+                ))
             }
-            Action::Direct(d) => self.local(&r, &t, d.status, None, d.body.clone()),
-            Action::Forward(f) => {
-                return Decision::Forward(Routed {
-                    r,
-                    svc,
-                    route,
-                    f,
-                    parts,
-                    authority,
-                });
+            Action::Direct(d) => {
+                Decision::Answered(self.local(&r, &t, d.status, None, d.body.clone()))
             }
-        })
+            Action::Forward(f) => Decision::Forward(Routed {
+                r,
+                svc,
+                route,
+                f,
+                parts,
+                authority,
+            }),
+        }
     }
 
     /// Sends a routed request upstream (with its mirrors, retries and

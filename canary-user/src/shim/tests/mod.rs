@@ -123,7 +123,7 @@ async fn backend(addr: SocketAddr, name: &'static str, handler: Option<Handler>)
     Backend { hits, conns, seen }
 }
 
-/// Upstream connections straight to the loopback pods.
+// Upstream connections straight to the loopback pods.
 use crate::train::Loopback;
 
 #[derive(Default)]
