@@ -321,6 +321,14 @@ fn background(r: &Results) -> Option<(f64, f64, f64)> {
     Some((median(&mut v)?, max, median(&mut machine)?))
 }
 
+/// CPU of one direct new connection, the whole path (client, kernel,
+/// backend), median of the rounds, in ns.
+fn direct_cpu_ns(r: &Results) -> Option<f64> {
+    stat_of(r, "direct", "new_conn", WrkResult::cpu_us_per_request)
+        .map(|s| s.median * 1000.0)
+        .filter(|ns| *ns > 0.0)
+}
+
 fn cpu_cell(r: &Results, key: &str) -> String {
     let cell = |mode| {
         stat_of(r, key, mode, WrkResult::cpu_us_per_request)
@@ -407,6 +415,10 @@ fn summary_lines(r: &Results) -> Vec<String> {
             d.p50, d.p99, v.p50, v.p99,
         ));
     }
+    // What the programs weigh against a whole connection: the at-once
+    // ratios set canary's cost against the client's share of the path
+    // only (see the README), this against all of it.
+    let direct_cpu_ns = direct_cpu_ns(r);
     let bpf: Vec<String> = [
         (
             "direct_canary_attached",
@@ -425,15 +437,25 @@ fn summary_lines(r: &Results) -> Vec<String> {
                 format!("{} {ns:.0} ns/{n:.1}×", name.trim_start_matches("canary_"))
             })
             .collect();
+        let share = direct_cpu_ns.map_or_else(String::new, |d| {
+            format!(" = {:.2}% of a direct connection", ns / d * 100.0)
+        });
         Some(format!(
-            "{label} {ns:.0} ns in {runs:.1} runs ({})",
+            "{label} {ns:.0} ns in {runs:.1} runs{share} ({})",
             parts.join(", ")
         ))
     })
     .collect();
     if !bpf.is_empty() {
+        let whole = direct_cpu_ns.map_or_else(String::new, |d| {
+            format!(
+                "; a direct new connection costs {:.0} µs of CPU, all of the path \
+                 (median of the rounds)",
+                d / 1000.0
+            )
+        });
         out.push(format!(
-            "canary's kernel programs per new connection (kernel BPF run-time stats, median): {}",
+            "canary's kernel programs per new connection (kernel BPF run-time stats, median): {}{whole}",
             bpf.join("; ")
         ));
     }
@@ -706,6 +728,7 @@ pub fn json(r: &Results) -> Value {
                 "canary_bpf_per_new_connection": bpf_cost(r, sc.key).map(|(ns, runs, progs)| json!({
                     "ns": ns,
                     "runs": runs,
+                    "share_of_direct_connection_cpu": direct_cpu_ns(r).map(|d| ns / d),
                     "programs": progs.iter().map(|(name, ns, runs)| json!({"program": name, "ns": ns, "runs": runs})).collect::<Vec<_>>(),
                 })),
                 "sanity": r.sanity.get(sc.key).map(|p| json!({
