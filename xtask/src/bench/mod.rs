@@ -116,6 +116,11 @@ pub struct BenchArgs {
     /// these.
     #[arg(long, default_value_t = 6)]
     pairs: usize,
+    /// Seconds per at-once wrk run. Longer than `--seconds`: keep-alive
+    /// ratios of 2 s runs moved ±5% from run to run (how the two wrk's
+    /// connections first land on the one CPU), of 5 s runs ±1–2%.
+    #[arg(long, default_value_t = 5)]
+    at_once_seconds: u64,
 }
 
 /// One measured path.
@@ -232,6 +237,8 @@ pub struct Results {
     pub weights: Vec<WeightsTrial>,
     pub setup: BTreeMap<&'static str, f64>,
     pub load: Load,
+    /// `load`, for as long as each at-once run lasts.
+    pub at_once_load: Load,
     pub rounds: usize,
     pub services: usize,
     /// CPUs the bench's path runs on (for the background share).
@@ -360,10 +367,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(cpu::Boost::apply(-10)?)
     };
     let prefix = unique_prefix();
+    let load = Load {
+        threads: 1,
+        connections: args.connections,
+        duration: Duration::from_secs(args.seconds),
+        cpu: bins.placement.map(|p| p.client),
+        busy_cpu: bins
+            .placement
+            .filter(|p| p.client == p.server)
+            .map(|p| p.client),
+    };
     let mut results = Results {
         args_json: serde_json::json!({
             "seconds": args.seconds,
             "rounds": args.rounds,
+            "pairs": args.pairs,
+            "at_once_seconds": args.at_once_seconds,
             "connections": args.connections,
             "connects": args.connects,
             "connect_rounds": args.connect_rounds,
@@ -382,15 +401,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         at_once: BTreeMap::new(),
         weights: Vec::new(),
         setup: BTreeMap::new(),
-        load: Load {
-            threads: 1,
-            connections: args.connections,
-            duration: Duration::from_secs(args.seconds),
-            cpu: bins.placement.map(|p| p.client),
-            busy_cpu: bins
-                .placement
-                .filter(|p| p.client == p.server)
-                .map(|p| p.client),
+        load,
+        at_once_load: Load {
+            duration: Duration::from_secs(args.at_once_seconds.max(1)),
+            ..load
         },
         rounds: args.rounds.max(1),
         services: args.services,
@@ -790,7 +804,7 @@ fn at_once(world: &World, pairs: usize, results: &mut Results) -> Result<()> {
         "bench: at once: {pairs} runs × {} pairs of scenarios × 2 modes × {} s, wrk through both \
          scenarios of a pair at the same time",
         legs.len(),
-        results.load.duration.as_secs()
+        results.at_once_load.duration.as_secs()
     ));
     let mut out: BTreeMap<AtOnceKey, Vec<(WrkResult, WrkResult)>> = BTreeMap::new();
     for i in 0..pairs {
@@ -803,8 +817,9 @@ fn at_once(world: &World, pairs: usize, results: &mut Results) -> Result<()> {
                     (*other, *s)
                 };
                 let (a, b) = std::thread::scope(|scope| {
-                    let a = scope.spawn(|| measure(world, results, first, mode, None));
-                    let b = scope.spawn(|| measure(world, results, second, mode, None));
+                    let load = &results.at_once_load;
+                    let a = scope.spawn(|| measure_with(world, load, first, mode, None));
+                    let b = scope.spawn(|| measure_with(world, load, second, mode, None));
                     (join(a), join(b))
                 });
                 let (a, b) = (a?, b?);
@@ -923,9 +938,18 @@ fn measure(
     mode: Mode,
     progs: Option<&bpfstats::Programs>,
 ) -> Result<WrkResult> {
+    measure_with(world, &results.load, s, mode, progs)
+}
+
+fn measure_with(
+    world: &World,
+    load: &Load,
+    s: &Scenario,
+    mode: Mode,
+    progs: Option<&bpfstats::Programs>,
+) -> Result<WrkResult> {
     let before = progs.map(|_| bpfstats::snapshot()).transpose()?;
-    let mut r = results
-        .load
+    let mut r = load
         .run(
             &world.client(s.client),
             world.servers.path(),

@@ -362,10 +362,11 @@ fn summary_lines(r: &Results) -> Vec<String> {
         })
         .collect();
         out.push(format!(
-            "at once, {} / {} (wrk through both at the same time, median of the per-run \
-             ratios; each run in brackets): {}",
+            "at once, {} / {} (wrk through both at the same time, {} s runs, median of the \
+             per-run ratios; each run in brackets): {}",
             label(a),
             label(b),
+            r.at_once_load.duration.as_secs(),
             cells.join("; ")
         ));
     }
