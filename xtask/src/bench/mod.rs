@@ -117,8 +117,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 6)]
     pairs: usize,
     /// Seconds per at-once wrk run. Longer than `--seconds`: keep-alive
-    /// ratios of 2 s runs moved ±5% from run to run (how the two wrk's
-    /// connections first land on the one CPU), of 5 s runs ±1–2%.
+    /// ratios of 2 s runs moved ±5% from run to run, of 5 s runs ±2–3%.
     #[arg(long, default_value_t = 5)]
     at_once_seconds: u64,
 }
@@ -740,7 +739,7 @@ fn throughput(world: &World, results: &mut Results) -> Result<()> {
             for mode in modes {
                 let r = loop {
                     check_interrupted()?;
-                    let r = measure(world, results, s, mode, None)?;
+                    let r = measure(world, &results.load, s, mode, None)?;
                     let others = r.background_share(results.cpus);
                     say(format!(
                         "bench:   round {}/{} {:<28} {:<10} {:>9.0} req/s {:>6.1} µs CPU/req, \
@@ -818,8 +817,8 @@ fn at_once(world: &World, pairs: usize, results: &mut Results) -> Result<()> {
                 };
                 let (a, b) = std::thread::scope(|scope| {
                     let load = &results.at_once_load;
-                    let a = scope.spawn(|| measure_with(world, load, first, mode, None));
-                    let b = scope.spawn(|| measure_with(world, load, second, mode, None));
+                    let a = scope.spawn(|| measure(world, load, first, mode, None));
+                    let b = scope.spawn(|| measure(world, load, second, mode, None));
                     (join(a), join(b))
                 });
                 let (a, b) = (a?, b?);
@@ -882,7 +881,7 @@ fn kernel_cost(
         };
         measured.push((
             s.key,
-            measure(world, results, s, Mode::NewConn, Some(progs))?,
+            measure(world, &results.load, s, Mode::NewConn, Some(progs))?,
         ));
     }
     for (key, r) in measured {
@@ -929,19 +928,10 @@ fn connect_timing(
     Ok(())
 }
 
-/// One wrk run of scenario `s`, with canary's kernel-program time when
+/// One wrk run of scenario `s` shaped by `load` (the rounds' or the
+/// at-once runs'), with canary's kernel-program time when
 /// `progs` (the programs attached to the client's cgroup) are given.
 fn measure(
-    world: &World,
-    results: &Results,
-    s: &Scenario,
-    mode: Mode,
-    progs: Option<&bpfstats::Programs>,
-) -> Result<WrkResult> {
-    measure_with(world, &results.load, s, mode, progs)
-}
-
-fn measure_with(
     world: &World,
     load: &Load,
     s: &Scenario,
